@@ -1,0 +1,217 @@
+"""Unpack an OCI image into a runtime bundle.
+
+A bundle is ``BUNDLE/rootfs`` + ``BUNDLE/config.json`` (runtime-spec) plus
+lamina's own records for a later repack::
+
+    BUNDLE/
+    ├── config.json             runtime-spec config generated from the image config
+    ├── rootfs/                 the image's layers applied in order
+    ├── lamina.json             what was unpacked: layout, tag, manifest, diff_ids, options
+    └── lamina.snapshot         stat snapshot of rootfs (see lamina.layer.snapshot)
+
+The bundle is built in a hidden sibling directory ``.BUNDLE.lamina-XXXX`` and
+renamed into place only when every layer has been applied and verified, so an
+interrupted or failed unpack never leaves a bundle that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lamina import __version__
+from lamina.errors import (
+    BundleError,
+    CorruptLayerError,
+    DigestMismatchError,
+    NotFoundError,
+    UnsafeLayerError,
+)
+from lamina.layer.compression import LayerPipeline, LayerSource
+from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
+from lamina.layer.idmap import IdMapping
+from lamina.layer.snapshot import write_snapshot
+from lamina.layer.tarstream import TarReader
+from lamina.oci import runtime
+from lamina.oci.layout import ImageRef, OCILayout
+from lamina.oci.model import Platform
+
+METADATA = "lamina.json"
+SNAPSHOT = "lamina.snapshot"
+
+
+@dataclass(frozen=True)
+class UnpackOptions:
+    image: ImageRef
+    bundle: str
+    platform: Platform | None = None
+    rootless: bool = False
+    uid_map: tuple[IdMapping, ...] = ()
+    gid_map: tuple[IdMapping, ...] = ()
+    keep_dirlinks: bool = False
+
+
+@dataclass
+class UnpackResult:
+    bundle: str
+    manifest: str
+    config: str
+    layers: int
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    whiteouts: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Progress:
+    """Callbacks the CLI can implement; the library never prints."""
+
+    def start(self, total_bytes: int, layers: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def layer_done(self, index: int) -> None: ...
+    def warn(self, message: str) -> None: ...
+
+
+def _prepare_target(bundle: str) -> None:
+    try:
+        st = os.lstat(bundle)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or os.listdir(bundle):
+        raise BundleError(f"bundle {bundle} already exists and is not an empty directory",
+                          hint="choose a new path or remove the old bundle")
+
+
+def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResult:
+    prog = progress or Progress()
+    t0 = time.monotonic()
+    layout = OCILayout.open(opts.image.layout)
+    manifest = layout.resolve(opts.image.tag, opts.platform)
+    cfg = layout.config_for(manifest)
+    bundle = os.path.abspath(opts.bundle)
+    _prepare_target(bundle)
+    parent = os.path.dirname(bundle)
+    if not os.path.isdir(parent):
+        raise BundleError(f"parent directory {parent} does not exist")
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-", dir=parent)
+    result = UnpackResult(bundle, manifest.digest, cfg.digest, len(manifest.layers))
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        prog.warn(msg)
+
+    try:
+        os.chmod(stage, 0o700)
+        rootfs = os.path.join(stage, "rootfs")
+        os.mkdir(rootfs, 0o755)
+        writer = RootfsWriter(rootfs, ExtractOptions(opts.rootless, opts.uid_map, opts.gid_map,
+                                                     opts.keep_dirlinks), warn)
+        try:
+            _apply_layers(layout, manifest.layers, cfg.diff_ids, writer, result, prog)
+            writer.finish()
+            spec = runtime.generate(cfg, writer.root_fd, rootless=opts.rootless,
+                                    uid_map=opts.uid_map, gid_map=opts.gid_map,
+                                    image_annotations=manifest.annotations)
+        finally:
+            writer.close()
+        _write_json(os.path.join(stage, "config.json"), spec)
+        with open(os.path.join(stage, SNAPSHOT), "wb") as f:
+            write_snapshot(rootfs, writer.hashes, f)
+        meta = {
+            "lamina": __version__,
+            "layout": layout.path,
+            "tag": opts.image.tag,
+            "manifest": manifest.digest,
+            "config": cfg.digest,
+            "diff_ids": list(cfg.diff_ids),
+            "layers": [d.to_json() for d in manifest.layers],
+            "options": {"rootless": opts.rootless, "keep_dirlinks": opts.keep_dirlinks,
+                        "uid_map": [str(m) for m in opts.uid_map],
+                        "gid_map": [str(m) for m in opts.gid_map]},
+        }
+        _write_json(os.path.join(stage, METADATA), meta)
+        os.chmod(stage, 0o700 if opts.rootless else 0o711)
+        if os.path.isdir(bundle):
+            os.rmdir(bundle)  # the empty directory the caller gave us
+        os.rename(stage, bundle)
+    except BaseException:
+        _rmtree_quiet(stage)
+        raise
+    result.seconds = round(time.monotonic() - t0, 3)
+    result.warnings = warnings
+    return result
+
+
+def _apply_layers(layout: OCILayout, layers: Any, diff_ids: tuple[str, ...],
+                  writer: RootfsWriter, result: UnpackResult, prog: Progress) -> None:
+    sources = [LayerSource(d, diff_ids[i], _opener(layout, d)) for i, d in enumerate(layers)]
+    prog.start(sum(d.size for d in layers), len(layers))
+    with LayerPipeline(sources, prog.advance) as pipe:
+        for i, _src in enumerate(sources):
+            stream = pipe.stream(i)
+            stats = LayerStats()
+            try:
+                reader = TarReader(stream.read)
+                writer.apply(reader, stats)
+                reader.drain()
+                stream.finish()
+            except (CorruptLayerError, UnsafeLayerError) as e:
+                # a damaged blob is reported as what it is: check the digests first
+                try:
+                    stream.finish()
+                except DigestMismatchError as d:
+                    raise d from None
+                except CorruptLayerError:
+                    pass
+                if isinstance(e, CorruptLayerError):
+                    e.message = f"layer {i + 1} ({layers[i].digest[:19]}): {e.message}"
+                    e.args = (e.message,)
+                raise
+            result.entries += stats.entries
+            result.files += stats.files
+            result.bytes += stats.bytes
+            result.whiteouts += stats.whiteouts
+            prog.layer_done(i)
+
+
+def _opener(layout: OCILayout, desc: Any) -> Callable[[], Any]:
+    path = layout.blob_path(desc.digest)
+
+    def open_blob() -> Any:
+        try:
+            return open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise NotFoundError(f"layer blob {desc.digest} is missing from {layout.path}",
+                                hint="the layout is incomplete; re-pull the image") from None
+    return open_blob
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _rmtree_quiet(path: str) -> None:
+    def fix(func: Any, p: str, exc: BaseException) -> None:
+        # rootless: a directory may have lost its write bit; restore it and retry
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path, onerror=lambda f, p, e: fix(f, p, e[1]))

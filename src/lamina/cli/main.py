@@ -1,0 +1,58 @@
+"""``lamina`` entry point: parse the command line, run a command, render errors.
+
+Each command lives in its own module exposing ``register(subparsers)``; the
+module's ``run(args, ui)`` turns the argparse namespace into typed options for
+the library and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from lamina import __version__
+from lamina.cli import unpack as unpack_cmd
+from lamina.cli.ui import UI
+from lamina.errors import LaminaError, UsageError
+
+COMMANDS = [unpack_cmd]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message, hint=f"see '{self.prog} --help'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lamina", description="Store, unpack, repack and serve OCI image layers.")
+    p.add_argument("--version", action="version", version=f"lamina {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for mod in COMMANDS:
+        mod.register(sub)
+    return p
+
+
+def _term(signum: int, frame: FrameType | None) -> None:
+    # turn SIGTERM into the same clean unwinding as Ctrl-C: staging is removed
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _term)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in args_list
+    ui = UI(json_mode=json_mode, quiet=json_mode or "--quiet" in args_list or "-q" in args_list)
+    try:
+        args = build_parser().parse_args(args_list)
+        ui = UI(json_mode=getattr(args, "json", False), quiet=getattr(args, "quiet", False))
+        return int(args.run(args, ui))
+    except LaminaError as e:
+        ui.error(e)
+        return e.code
+    except KeyboardInterrupt:
+        ui.interrupted()
+        return 130

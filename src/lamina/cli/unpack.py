@@ -1,0 +1,55 @@
+"""``lamina unpack``: unpack an image from an OCI layout into a runtime bundle."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lamina.bundle import UnpackOptions, unpack
+from lamina.cli.ui import UI
+from lamina.layer.idmap import IdMapping
+from lamina.oci.layout import ImageRef
+from lamina.oci.model import Platform
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "unpack", help="unpack an image into a runtime bundle (rootfs + config.json)",
+        description="Unpack LAYOUT:TAG into BUNDLE/rootfs and write BUNDLE/config.json.")
+    p.add_argument("--image", required=True, metavar="LAYOUT[:TAG]",
+                   help="OCI image layout and tag (default tag: latest)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="platform to pick from an image index (default: this machine)")
+    p.add_argument("--rootless", action="store_true",
+                   help="unpack as an unprivileged user: files owned by the caller, image "
+                        "ownership kept in the user.rootlesscontainers xattr")
+    p.add_argument("--uid-map", action="append", default=[], metavar="CTR:HOST:SIZE",
+                   help="map container uids to host uids (repeatable)")
+    p.add_argument("--gid-map", action="append", default=[], metavar="CTR:HOST:SIZE",
+                   help="map container gids to host gids (repeatable)")
+    p.add_argument("--keep-dirlinks", action="store_true",
+                   help="keep existing symlinks to directories when a layer has a directory "
+                        "at that path (like tar --keep-directory-symlink)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory to create")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, ui: UI) -> int:
+    opts = UnpackOptions(
+        image=ImageRef.parse(args.image),
+        bundle=args.bundle,
+        platform=Platform.parse(args.platform) if args.platform else None,
+        rootless=args.rootless,
+        uid_map=tuple(IdMapping.parse(m) for m in args.uid_map),
+        gid_map=tuple(IdMapping.parse(m) for m in args.gid_map),
+        keep_dirlinks=args.keep_dirlinks,
+    )
+    res = unpack(opts, ui.progress("unpacking"))
+    if args.json:
+        ui.emit_json(res.to_json())
+    else:
+        ui.info(f"unpacked {opts.image} ({res.layers} layers, {res.entries} entries, "
+                f"{res.bytes / 1e6:.1f} MB) into {res.bundle} in {res.seconds:.2f}s")
+    return 0

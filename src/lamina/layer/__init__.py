@@ -1,0 +1,1 @@
+"""Layer tar streams: reading, decompression with digest verification, safe extraction."""

@@ -1,0 +1,520 @@
+"""Apply layer tar streams to a root filesystem with exact OCI semantics.
+
+Every path is resolved beneath an open directory fd of the rootfs, one
+component at a time, never trusting what is on disk: symlinks met in parent
+components are followed *inside* the rootfs (absolute targets restart at the
+rootfs, ``..`` stops at it), like containerd's and umoci's securejoin, and the
+last component of an entry is never followed.  Entry names containing ``..``
+are refused outright.  Hardlink targets are resolved the same way and must be
+non-directories that exist inside the rootfs.
+
+Whiteouts only hide *lower* layers, whatever their position in the layer: the
+writer records which paths the current layer produced and keeps them when a
+``.wh.NAME`` or ``.wh..wh..opq`` marker is applied, before or after them.
+
+Directory modes and mtimes are applied once, after the last layer, so that
+later writes inside a directory neither disturb its mtime nor are refused by a
+read-only mode (which matters for ``--rootless``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lamina.errors import CorruptLayerError, EnvironmentError_, UnsafeLayerError
+from lamina.layer import whiteout as wh
+from lamina.layer.idmap import ROOTLESS_XATTR, IdMapping, encode_rootless, map_id
+from lamina.layer.tarstream import TarEntry, TarReader
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_SYMLINKS = 40
+_FD_CACHE = 128
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    rootless: bool = False
+    uid_map: tuple[IdMapping, ...] = ()
+    gid_map: tuple[IdMapping, ...] = ()
+    keep_dirlinks: bool = False
+
+
+@dataclass
+class LayerStats:
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    whiteouts: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class _Pending:
+    """A hardlink whose target appears later in the same layer."""
+
+    entry: TarEntry
+    parent: tuple[str, ...]
+    name: str
+
+
+def clean_name(name: str, what: str = "entry") -> tuple[str, ...]:
+    """Split an archive path into components; refuse ``..`` and empty names."""
+    parts = tuple(p for p in name.split("/") if p and p != ".")
+    if ".." in parts:
+        raise UnsafeLayerError(f"{what} {name!r} contains a '..' component",
+                               hint="the layer tries to escape the root filesystem")
+    return parts
+
+
+def _join(parts: tuple[str, ...]) -> str:
+    return "/".join(parts)
+
+
+def resolve_scoped(root_fd: int, comps: tuple[str, ...], *, entry: str = "",
+                   create: Callable[[str], None] | None = None,
+                   want_dir: bool = True) -> tuple[str, ...] | None:
+    """Resolve *comps* beneath *root_fd*, following symlinks but never leaving the root.
+
+    Returns the symlink-free components of the result, or None when a component
+    is missing (unless *create* makes it).  Every component but the last must
+    be a directory; the last must be one too unless *want_dir* is false.
+    """
+    real: list[str] = []
+    todo = list(comps)
+    todo.reverse()          # a stack: the next component is at the end
+    links = 0
+    while todo:
+        c = todo.pop()
+        if c == "..":
+            if real:
+                real.pop()
+            continue
+        path = _join((*real, c))
+        try:
+            st = os.stat(path, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            if create is None:
+                return None
+            create(path)
+            real.append(c)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise UnsafeLayerError(f"entry {entry!r}: too many levels of symbolic links",
+                                       hint="the layer contains a symlink loop")
+            target = os.readlink(path, dir_fd=root_fd)
+            if target.startswith("/"):
+                real = []
+            todo.extend(reversed([p for p in target.split("/") if p and p != "."]))
+            continue
+        if not stat.S_ISDIR(st.st_mode) and (todo or want_dir):
+            raise CorruptLayerError(
+                f"entry {entry!r}: path component {path!r} is not a directory",
+                hint="the layer writes beneath a non-directory without replacing it")
+        real.append(c)
+    return tuple(real)
+
+
+class RootfsWriter:
+    """Applies layers, in order, to the directory *root* (which must exist)."""
+
+    def __init__(self, root: str, opts: ExtractOptions, warn: Warn | None = None) -> None:
+        self.root = root
+        self.opts = opts
+        self._warn = warn or (lambda _m: None)
+        self.root_fd = os.open(root, _DIR_FLAGS)
+        # resolved parent components -> (fd, real components); invalidated on removals
+        self._fds: dict[tuple[str, ...], tuple[int, tuple[str, ...]]] = {}
+        self._stale: list[int] = []   # dropped fds that a caller may still be using
+        self.dir_meta: dict[str, tuple[int, int]] = {}   # real path -> (mode, mtime_ns)
+        self.hashes: dict[str, bytes] = {}                # real path -> sha256 of content
+        self._layer_paths: set[str] = set()
+        self._layer_ancestors: set[str] = set()
+        self._warned: set[str] = set()
+        self._can_chown = opts.rootless is False
+        if self._can_chown and os.geteuid() != 0:
+            raise EnvironmentError_("unpacking with real ownership needs root",
+                                    hint="run as root, or pass --rootless")
+
+    def close(self) -> None:
+        self._drop_cache()
+        self._close_stale()
+        os.close(self.root_fd)
+
+    # -- warnings -------------------------------------------------------------
+    def warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._warn(msg)
+
+    # -- path resolution ------------------------------------------------------
+    def _drop_cache(self) -> None:
+        # closing now could pull an fd from under a caller; close between entries
+        self._stale.extend(fd for fd, _ in self._fds.values())
+        self._fds.clear()
+
+    def _close_stale(self) -> None:
+        for fd in self._stale:
+            os.close(fd)
+        self._stale.clear()
+
+    def _dir_fd(self, comps: tuple[str, ...], create: bool,
+                entry: str) -> tuple[int, tuple[str, ...]] | None:
+        """An fd of the directory *comps* resolved inside the rootfs, or None if missing."""
+        if not comps:
+            return self.root_fd, ()
+        hit = self._fds.get(comps)
+        if hit is not None:
+            return hit
+        real = self._resolve(comps, create, entry)
+        if real is None:
+            return None
+        fd = os.open(_join(real), _DIR_FLAGS, dir_fd=self.root_fd) if real else os.dup(
+            self.root_fd)
+        if len(self._fds) >= _FD_CACHE:
+            old = next(iter(self._fds))
+            self._stale.append(self._fds.pop(old)[0])
+        self._fds[comps] = (fd, real)
+        return fd, real
+
+    def _resolve(self, comps: tuple[str, ...], create: bool,
+                 entry: str) -> tuple[str, ...] | None:
+        return resolve_scoped(self.root_fd, comps, entry=entry,
+                              create=self._implicit_dir if create else None)
+
+    def _implicit_dir(self, path: str) -> None:
+        # implicit parent: created like umoci/containerd do, 0755 and root-owned
+        os.mkdir(path, 0o700, dir_fd=self.root_fd)
+        self._chown(path, 0, 0, None)
+        self.dir_meta[path] = (0o755, -1)
+
+    # -- ownership and metadata ---------------------------------------------
+    def _owner(self, uid: int, gid: int) -> tuple[int, int]:
+        return (map_id(uid, self.opts.uid_map, "uid"), map_id(gid, self.opts.gid_map, "gid"))
+
+    def _chown(self, path: str, uid: int, gid: int, fd: int | None) -> None:
+        """Set ownership (or record it in the rootless xattr); *path* is rootfs-relative."""
+        if self.opts.rootless:
+            if uid or gid:
+                self._setxattr(path, fd, ROOTLESS_XATTR, encode_rootless(uid, gid))
+            return
+        huid, hgid = self._owner(uid, gid)
+        if fd is not None:
+            os.fchown(fd, huid, hgid)
+        else:
+            os.chown(path, huid, hgid, dir_fd=self.root_fd, follow_symlinks=False)
+
+    def _setxattr(self, path: str, fd: int | None, name: str, value: bytes) -> None:
+        try:
+            if fd is not None:
+                os.setxattr(fd, name, value)
+            else:
+                os.setxattr(self._proc_path(path), name, value, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EINVAL):
+                self.warn_once(f"xattr:{name.split('.')[0]}:{e.errno}",
+                               f"cannot set xattr {name} on /{path}: {e.strerror} "
+                               "(further such xattrs are skipped silently)")
+                return
+            raise
+
+    def _proc_path(self, path: str) -> str:
+        # path-based xattr calls on symlinks/devices: go through the rootfs fd so that
+        # nothing outside it can be named; the path itself has no symlinks (resolved)
+        return f"/proc/self/fd/{self.root_fd}/{path}" if path else f"/proc/self/fd/{self.root_fd}"
+
+    def _set_xattrs(self, path: str, fd: int | None, xattrs: dict[str, bytes],
+                    clear: bool) -> None:
+        if clear:
+            try:
+                if fd is not None:
+                    names = os.listxattr(fd)
+                else:
+                    names = os.listxattr(self._proc_path(path), follow_symlinks=False)
+            except OSError:
+                names = []
+            for n in names:
+                if n not in xattrs and not n.startswith("security.selinux"):
+                    try:
+                        if fd is not None:
+                            os.removexattr(fd, n)
+                        else:
+                            os.removexattr(self._proc_path(path), n, follow_symlinks=False)
+                    except OSError:
+                        pass
+        for name, value in xattrs.items():
+            if self.opts.rootless and name == ROOTLESS_XATTR:
+                continue
+            self._setxattr(path, fd, name, value)
+
+    # -- removal ---------------------------------------------------------------
+    def _remove(self, pfd: int, name: str, is_dir: bool, real: str) -> None:
+        if is_dir:
+            self._drop_cache()
+            shutil.rmtree(name, dir_fd=pfd)
+            prefix = real + "/"
+            for k in [k for k in self.dir_meta if k == real or k.startswith(prefix)]:
+                del self.dir_meta[k]
+        else:
+            os.unlink(name, dir_fd=pfd)
+
+    def _clear_lower(self, pfd: int, name: str, real: str) -> None:
+        """Remove whatever lies at/below *real* that the current layer did not write."""
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        keep = real in self._layer_paths or real in self._layer_ancestors
+        if not keep:
+            self._remove(pfd, name, stat.S_ISDIR(st.st_mode), real)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            for child in os.listdir(fd):
+                self._clear_lower(fd, child, f"{real}/{child}" if real else child)
+        finally:
+            os.close(fd)
+
+    # -- the layer loop ----------------------------------------------------------
+    def apply(self, reader: TarReader, stats: LayerStats) -> None:
+        self._layer_paths = set()
+        self._layer_ancestors = set()
+        pending: list[_Pending] = []
+        for entry in reader:
+            if self._stale:
+                self._close_stale()
+            stats.entries += 1
+            if entry.kind == "skip":
+                stats.skipped += 1
+                continue
+            comps = clean_name(entry.name)
+            if comps and comps[-1].startswith(wh.PREFIX):
+                self._whiteout(comps, entry.name)
+                stats.whiteouts += 1
+                continue
+            for c in comps[:-1]:
+                if c.startswith(wh.PREFIX):
+                    raise UnsafeLayerError(
+                        f"entry {entry.name!r} lies beneath a whiteout name {c!r}",
+                        hint="whiteout markers cannot be directories")
+            if not comps:
+                self._apply_root(entry)
+                continue
+            got = self._dir_fd(comps[:-1], True, entry.name)
+            assert got is not None
+            pfd, preal = got
+            name = comps[-1]
+            real = _join((*preal, name))
+            self._mark(real)
+            if entry.kind == "hardlink":
+                if not self._hardlink(entry, pfd, name, real, final=False):
+                    pending.append(_Pending(entry, comps[:-1], name))
+                continue
+            self._apply_entry(entry, reader, pfd, name, real, stats)
+        for p in pending:
+            got = self._dir_fd(p.parent, True, p.entry.name)
+            assert got is not None
+            self._hardlink(p.entry, got[0], p.name, _join((*got[1], p.name)), final=True)
+
+    def _mark(self, real: str) -> None:
+        self._layer_paths.add(real)
+        parent = real.rpartition("/")[0]
+        while parent and parent not in self._layer_ancestors:
+            self._layer_ancestors.add(parent)
+            parent = parent.rpartition("/")[0]
+        self._layer_ancestors.add("")
+
+    def _whiteout(self, comps: tuple[str, ...], raw_name: str) -> None:
+        base = comps[-1]
+        if base == wh.OPAQUE:
+            got = self._dir_fd(comps[:-1], True, raw_name)
+            assert got is not None
+            dfd, dreal = got
+            real = _join(dreal)
+            self._mark_dir_only(real)
+            for child in os.listdir(dfd):
+                self._clear_lower(dfd, child, f"{real}/{child}" if real else child)
+            return
+        if base.startswith(wh.META_PREFIX):
+            return  # other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): not content
+        target = base[len(wh.PREFIX):]
+        if target in ("", ".", "..") or "/" in target:
+            raise UnsafeLayerError(f"invalid whiteout {raw_name!r}",
+                                   hint="a whiteout must name one file or directory")
+        try:
+            got = self._dir_fd(comps[:-1], False, raw_name)
+        except CorruptLayerError:
+            got = None  # a parent is not a directory: nothing below it to hide
+        if got is None:
+            return  # whiting out something that does not exist is a no-op
+        pfd, preal = got
+        self._clear_lower(pfd, target, _join((*preal, target)))
+
+    def _mark_dir_only(self, real: str) -> None:
+        # the opaque directory itself belongs to this layer (its lower children do not)
+        if real:
+            self._mark(real)
+
+    def _apply_root(self, entry: TarEntry) -> None:
+        if entry.kind != "dir":
+            raise UnsafeLayerError(f"entry {entry.name!r} would replace the root directory")
+        self._chown("", entry.uid, entry.gid, self.root_fd)
+        self._set_xattrs("", self.root_fd, entry.xattrs, clear=True)
+        self.dir_meta[""] = (entry.mode, entry.mtime_ns)
+
+    def _apply_entry(self, e: TarEntry, reader: TarReader, pfd: int, name: str, real: str,
+                     stats: LayerStats) -> None:
+        # create first and look only on EEXIST: most entries land on a free path
+        if e.kind == "file":
+            try:
+                fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            except FileExistsError:
+                self._replace(pfd, name, real)
+                fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            self._write_file(e, reader, fd, real, stats)
+            return
+        if e.kind == "dir":
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                old = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if stat.S_ISDIR(old.st_mode):
+                    self._chown(real, e.uid, e.gid, None)
+                    self._set_xattrs(real, None, e.xattrs, clear=True)
+                    self.dir_meta[real] = (e.mode, e.mtime_ns)
+                    return
+                if stat.S_ISLNK(old.st_mode) and self.opts.keep_dirlinks:
+                    try:
+                        if self._resolve(clean_name(real), False, e.name) is not None:
+                            return  # --keep-dirlinks: keep the symlink to a directory
+                    except CorruptLayerError:
+                        pass  # dangling or not a directory: replace it like any entry
+                self._remove(pfd, name, False, real)
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            self._chown(real, e.uid, e.gid, None)
+            self._set_xattrs(real, None, e.xattrs, clear=False)
+            self.dir_meta[real] = (e.mode, e.mtime_ns)
+            return
+        if e.kind in ("char", "block") and self.opts.rootless:
+            self.warn_once("dev", f"skipping device node /{real} (and any further ones): "
+                                  "cannot create devices when rootless")
+            stats.skipped += 1
+            self._layer_paths.discard(real)
+            return
+        self._replace(pfd, name, real)
+        if e.kind == "symlink":
+            os.symlink(e.linkname, name, dir_fd=pfd)
+            self._meta_path(e, pfd, name, real, chmod=False)
+        elif e.kind in ("char", "block"):
+            kind = stat.S_IFCHR if e.kind == "char" else stat.S_IFBLK
+            os.mknod(name, kind | 0o600, os.makedev(e.devmajor, e.devminor), dir_fd=pfd)
+            self._meta_path(e, pfd, name, real, chmod=True)
+        elif e.kind == "fifo":
+            os.mkfifo(name, 0o600, dir_fd=pfd)
+            self._meta_path(e, pfd, name, real, chmod=True)
+
+    def _replace(self, pfd: int, name: str, real: str) -> None:
+        """Remove whatever is at *name* (an upper entry replaces it, whatever its type)."""
+        try:
+            old = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        self._remove(pfd, name, stat.S_ISDIR(old.st_mode), real)
+
+    def _meta_path(self, e: TarEntry, pfd: int, name: str, real: str, chmod: bool) -> None:
+        self._chown(real, e.uid, e.gid, None)
+        if chmod:
+            os.chmod(name, e.mode, dir_fd=pfd)
+        self._set_xattrs(real, None, e.xattrs, clear=False)
+        ns = (e.mtime_ns, e.mtime_ns)
+        os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
+
+    def _write_file(self, e: TarEntry, reader: TarReader, fd: int, real: str,
+                    stats: LayerStats) -> None:
+        try:
+            h = hashlib.sha256()
+            while True:
+                data = reader.read_data()
+                if not data:
+                    break
+                h.update(data)
+                n = os.write(fd, data)
+                if n < len(data):
+                    view = memoryview(data)[n:]
+                    while view:
+                        view = view[os.write(fd, view):]
+            self.hashes[real] = h.digest()
+            self._chown(real, e.uid, e.gid, fd)
+            os.fchmod(fd, e.mode)           # after chown, which clears setuid bits
+            if e.xattrs:
+                self._set_xattrs(real, fd, e.xattrs, clear=False)  # after chown (caps)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            os.close(fd)
+        stats.files += 1
+        stats.bytes += e.size
+
+    def _hardlink(self, e: TarEntry, pfd: int, name: str, real: str, final: bool) -> bool:
+        tcomps = clean_name(e.linkname, "hardlink target")
+        if not tcomps:
+            raise UnsafeLayerError(f"hardlink {e.name!r} points at the root directory")
+        got = self._dir_fd(tcomps[:-1], False, e.name)
+        tname = tcomps[-1]
+        try:
+            if got is None:
+                raise FileNotFoundError
+            tfd, treal = got
+            tst = os.stat(tname, dir_fd=tfd, follow_symlinks=False)
+        except FileNotFoundError:
+            if not final:
+                return False
+            raise UnsafeLayerError(
+                f"hardlink {e.name!r} -> {e.linkname!r}: target does not exist in the rootfs",
+                hint="a hardlink must point at a file written earlier") from None
+        if stat.S_ISDIR(tst.st_mode):
+            raise UnsafeLayerError(f"hardlink {e.name!r} -> {e.linkname!r} points at a directory")
+        target_real = _join((*treal, tname))
+        try:
+            old = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            if (old.st_dev, old.st_ino) == (tst.st_dev, tst.st_ino):
+                return True  # already the same file
+            self._remove(pfd, name, stat.S_ISDIR(old.st_mode), real)
+        os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        h = self.hashes.get(target_real)
+        if h is not None:
+            self.hashes[real] = h
+        return True
+
+    # -- the end -----------------------------------------------------------------
+    def finish(self) -> None:
+        """Apply delayed directory modes and mtimes (deepest first)."""
+        self._drop_cache()
+        self._close_stale()
+        for path in sorted(self.dir_meta, key=lambda p: p.count("/"), reverse=True):
+            mode, mtime_ns = self.dir_meta[path]
+            try:
+                fd = os.open(path, _DIR_FLAGS, dir_fd=self.root_fd) if path else os.dup(
+                    self.root_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                os.fchmod(fd, mode)
+                if mtime_ns >= 0:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)

@@ -1,0 +1,61 @@
+"""The stat snapshot of a rootfs, taken right after unpack, read by repack.
+
+A :mod:`marshal` dump (fast C (de)serialisation; lamina-private) of a header
+dict and a list of rows sorted by path::
+
+    ("etc/passwd", "f", 33188, 0, 0, 1234, 1700000000000000000, <ctime_ns>, <ino>, <sha256>)
+
+(path, type, st_mode, uid, gid, size, mtime_ns, ctime_ns, inode, content sha256
+as 32 raw bytes for files, the target for symlinks, "" otherwise).  A later
+scan compares stat data first and hashes a file only where size, mtime, ctime
+or inode say it may have changed.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+from collections.abc import Iterator
+from typing import IO
+
+TYPE_CODES = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
+              stat.S_IFBLK: "b", stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
+
+
+def walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry below *root* (not *root* itself), depth first, never following links."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            for de in it:
+                path = f"{rel}/{de.name}" if rel else de.name
+                st = de.stat(follow_symlinks=False)
+                yield path, st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(path)
+
+
+FORMAT = 1
+
+
+def write_snapshot(root: str, hashes: dict[str, bytes], out: IO[bytes]) -> int:
+    """Write the snapshot of *root* to *out*; returns the number of entries."""
+    rows: list[tuple[object, ...]] = []
+    for path, st in walk(root):
+        t = TYPE_CODES.get(stat.S_IFMT(st.st_mode), "?")
+        extra: bytes | str = hashes.get(path, b"") if t == "f" else (
+            os.readlink(os.path.join(root, path)) if t == "l" else "")
+        rows.append((path, t, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                     st.st_ctime_ns, st.st_ino, extra))
+    rows.sort()
+    marshal.dump(({"format": FORMAT}, rows), out)
+    return len(rows)
+
+
+def read_snapshot(f: IO[bytes]) -> list[tuple[object, ...]]:
+    head, rows = marshal.load(f)
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise ValueError("unknown lamina snapshot format")
+    return list(rows)

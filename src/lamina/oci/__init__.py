@@ -1,0 +1,1 @@
+"""OCI image layout model: descriptors, manifests, indexes, configs and blob access."""
