@@ -141,8 +141,10 @@ class RootfsWriter:
         self._layer_paths: set[str] = set()
         self._layer_ancestors: set[str] = set()
         self._warned: set[str] = set()
-        self._can_chown = opts.rootless is False
-        if self._can_chown and os.geteuid() != 0:
+        self._euid, self._egid = os.geteuid(), os.getegid()
+        self._umask = os.umask(0o022)
+        os.umask(self._umask)
+        if not opts.rootless and self._euid != 0:
             raise EnvironmentError_("unpacking with real ownership needs root",
                                     hint="run as root, or pass --rootless")
 
@@ -195,24 +197,33 @@ class RootfsWriter:
     def _implicit_dir(self, path: str) -> None:
         # implicit parent: created like umoci/containerd do, 0755 and root-owned
         os.mkdir(path, 0o700, dir_fd=self.root_fd)
-        self._chown(path, 0, 0, None)
+        self._chown(path, 0, 0, None, fresh=True)
         self.dir_meta[path] = (0o755, -1)
 
     # -- ownership and metadata ---------------------------------------------
     def _owner(self, uid: int, gid: int) -> tuple[int, int]:
         return (map_id(uid, self.opts.uid_map, "uid"), map_id(gid, self.opts.gid_map, "gid"))
 
-    def _chown(self, path: str, uid: int, gid: int, fd: int | None) -> None:
-        """Set ownership (or record it in the rootless xattr); *path* is rootfs-relative."""
+    def _chown(self, path: str, uid: int, gid: int, fd: int | None,
+               fresh: bool = False) -> bool:
+        """Set ownership (or record it in the rootless xattr); *path* is rootfs-relative.
+
+        *fresh* inodes were just created by us and so are owned by our euid/egid
+        (no directory is setgid during extraction: directory modes come last);
+        for them the syscall is skipped when it would change nothing.
+        """
         if self.opts.rootless:
             if uid or gid:
                 self._setxattr(path, fd, ROOTLESS_XATTR, encode_rootless(uid, gid))
-            return
+            return False
         huid, hgid = self._owner(uid, gid)
+        if fresh and huid == self._euid and hgid == self._egid:
+            return False
         if fd is not None:
             os.fchown(fd, huid, hgid)
         else:
             os.chown(path, huid, hgid, dir_fd=self.root_fd, follow_symlinks=False)
+        return True
 
     def _setxattr(self, path: str, fd: int | None, name: str, value: bytes) -> None:
         try:
@@ -378,11 +389,12 @@ class RootfsWriter:
                      stats: LayerStats) -> None:
         # create first and look only on EEXIST: most entries land on a free path
         if e.kind == "file":
+            mode = e.mode & 0o777
             try:
-                fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd)
+                fd = os.open(name, _FILE_FLAGS, mode, dir_fd=pfd)
             except FileExistsError:
                 self._replace(pfd, name, real)
-                fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd)
+                fd = os.open(name, _FILE_FLAGS, mode, dir_fd=pfd)
             self._write_file(e, reader, fd, real, stats)
             return
         if e.kind == "dir":
@@ -403,7 +415,7 @@ class RootfsWriter:
                         pass  # dangling or not a directory: replace it like any entry
                 self._remove(pfd, name, False, real)
                 os.mkdir(name, 0o700, dir_fd=pfd)
-            self._chown(real, e.uid, e.gid, None)
+            self._chown(real, e.uid, e.gid, None, fresh=True)
             self._set_xattrs(real, None, e.xattrs, clear=False)
             self.dir_meta[real] = (e.mode, e.mtime_ns)
             return
@@ -434,7 +446,7 @@ class RootfsWriter:
         self._remove(pfd, name, stat.S_ISDIR(old.st_mode), real)
 
     def _meta_path(self, e: TarEntry, pfd: int, name: str, real: str, chmod: bool) -> None:
-        self._chown(real, e.uid, e.gid, None)
+        self._chown(real, e.uid, e.gid, None, fresh=True)
         if chmod:
             os.chmod(name, e.mode, dir_fd=pfd)
         self._set_xattrs(real, None, e.xattrs, clear=False)
@@ -456,8 +468,11 @@ class RootfsWriter:
                     while view:
                         view = view[os.write(fd, view):]
             self.hashes[real] = h.digest()
-            self._chown(real, e.uid, e.gid, fd)
-            os.fchmod(fd, e.mode)           # after chown, which clears setuid bits
+            # chmod after chown (which clears setuid bits), and only where the
+            # creation mode (umask, special bits) or a chown left it wrong
+            if self._chown(real, e.uid, e.gid, fd, fresh=True) or e.mode & (
+                    0o7000 | self._umask):
+                os.fchmod(fd, e.mode)
             if e.xattrs:
                 self._set_xattrs(real, fd, e.xattrs, clear=False)  # after chown (caps)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
