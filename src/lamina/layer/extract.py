@@ -68,7 +68,9 @@ class _Pending:
 
 def clean_name(name: str, what: str = "entry") -> tuple[str, ...]:
     """Split an archive path into components; refuse ``..`` and empty names."""
-    parts = tuple(p for p in name.split("/") if p and p != ".")
+    parts = tuple(name.split("/"))
+    if "" in parts or "." in parts:
+        parts = tuple(p for p in parts if p and p != ".")
     if ".." in parts:
         raise UnsafeLayerError(f"{what} {name!r} contains a '..' component",
                                hint="the layer tries to escape the root filesystem")
@@ -216,7 +218,10 @@ class RootfsWriter:
             if uid or gid:
                 self._setxattr(path, fd, ROOTLESS_XATTR, encode_rootless(uid, gid))
             return False
-        huid, hgid = self._owner(uid, gid)
+        if self.opts.uid_map or self.opts.gid_map:
+            huid, hgid = self._owner(uid, gid)
+        else:
+            huid, hgid = uid, gid
         if fresh and huid == self._euid and hgid == self._egid:
             return False
         if fd is not None:
@@ -311,15 +316,16 @@ class RootfsWriter:
                 stats.skipped += 1
                 continue
             comps = clean_name(entry.name)
-            if comps and comps[-1].startswith(wh.PREFIX):
-                self._whiteout(comps, entry.name)
-                stats.whiteouts += 1
-                continue
-            for c in comps[:-1]:
-                if c.startswith(wh.PREFIX):
-                    raise UnsafeLayerError(
-                        f"entry {entry.name!r} lies beneath a whiteout name {c!r}",
-                        hint="whiteout markers cannot be directories")
+            if wh.PREFIX in entry.name:
+                if comps and comps[-1].startswith(wh.PREFIX):
+                    self._whiteout(comps, entry.name)
+                    stats.whiteouts += 1
+                    continue
+                for c in comps[:-1]:
+                    if c.startswith(wh.PREFIX):
+                        raise UnsafeLayerError(
+                            f"entry {entry.name!r} lies beneath a whiteout name {c!r}",
+                            hint="whiteout markers cannot be directories")
             if not comps:
                 self._apply_root(entry)
                 continue

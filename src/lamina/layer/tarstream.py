@@ -279,7 +279,7 @@ class TarReader:
                 else:
                     longlink = _nts(payload)
                 continue
-            if typ in (b"S", b"M", b"N") or any(
+            if typ in (b"S", b"M", b"N") or pax and any(
                     k.startswith("GNU.sparse.") for k in pax):
                 raise UnsupportedError(
                     f"tar member at offset {start} is a sparse or multi-volume file",
