@@ -279,8 +279,8 @@ class TarReader:
                 else:
                     longlink = _nts(payload)
                 continue
-            if typ in (b"S", b"M", b"N") or pax and any(
-                    k.startswith("GNU.sparse.") for k in pax):
+            if typ in (b"S", b"M", b"N") or (pax and any(
+                    k.startswith("GNU.sparse.") for k in pax)):
                 raise UnsupportedError(
                     f"tar member at offset {start} is a sparse or multi-volume file",
                     hint="re-create the layer without sparse files (tar --sparse off)")
