@@ -128,7 +128,7 @@ def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResul
                                     image_annotations=manifest.annotations)
         finally:
             writer.close()
-        _write_json(os.path.join(stage, "config.json"), spec)
+        write_json(os.path.join(stage, "config.json"), spec)
         with open(os.path.join(stage, SNAPSHOT), "wb") as f:
             write_snapshot(rootfs, writer.hashes, f)
         meta = {
@@ -143,7 +143,7 @@ def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResul
                         "uid_map": [str(m) for m in opts.uid_map],
                         "gid_map": [str(m) for m in opts.gid_map]},
         }
-        _write_json(os.path.join(stage, METADATA), meta)
+        write_json(os.path.join(stage, METADATA), meta)
         os.chmod(stage, 0o700 if opts.rootless else 0o711)
         if os.path.isdir(bundle):
             os.rmdir(bundle)  # the empty directory the caller gave us
@@ -200,7 +200,7 @@ def _opener(layout: OCILayout, desc: Any) -> Callable[[], Any]:
     return open_blob
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from types import FrameType
 
 from lamina import __version__
+from lamina.cli import repack as repack_cmd
 from lamina.cli import unpack as unpack_cmd
 from lamina.cli.ui import UI
 from lamina.errors import LaminaError, UsageError
 
-COMMANDS = [unpack_cmd]
+COMMANDS = [unpack_cmd, repack_cmd]
 
 
 class _Parser(argparse.ArgumentParser):

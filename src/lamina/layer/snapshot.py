@@ -50,8 +50,12 @@ def write_snapshot(root: str, hashes: dict[str, bytes], out: IO[bytes]) -> int:
         rows.append((path, t, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
                      st.st_ctime_ns, st.st_ino, extra))
     rows.sort()
-    marshal.dump(({"format": FORMAT}, rows), out)
+    write_rows(rows, out)
     return len(rows)
+
+
+def write_rows(rows: list[tuple[object, ...]], out: IO[bytes]) -> None:
+    marshal.dump(({"format": FORMAT}, rows), out)
 
 
 def read_snapshot(f: IO[bytes]) -> list[tuple[object, ...]]:

@@ -1,0 +1,63 @@
+"""``lamina repack``: write what changed in a bundle's rootfs as a new image layer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from lamina.cli.ui import UI
+from lamina.errors import UsageError
+from lamina.oci.layout import ImageRef
+from lamina.repack import RepackOptions, repack
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "repack", help="add the changes made in a bundle as a new layer and tag the result",
+        description="Diff BUNDLE/rootfs against the unpack snapshot, write the changes as a "
+                    "layer on top of the bundle's image and tag the new image LAYOUT:TAG.")
+    p.add_argument("--image", required=True, metavar="LAYOUT[:TAG]",
+                   help="layout (the one the bundle came from) and the new tag")
+    p.add_argument("--compress", choices=["gzip", "zstd", "none"], default="gzip",
+                   help="layer compression (default gzip)")
+    p.add_argument("--history.created_by", dest="created_by", metavar="TEXT",
+                   help="history entry's created_by")
+    p.add_argument("--history.author", dest="author", metavar="TEXT")
+    p.add_argument("--history.comment", dest="comment", metavar="TEXT")
+    p.add_argument("--no-history", action="store_true", help="add no history entry")
+    p.add_argument("--refresh-bundle", action="store_true",
+                   help="update the bundle so that it can be repacked again on top of the "
+                        "new image")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.set_defaults(run=run)
+
+
+def _epoch() -> int | None:
+    v = os.environ.get("SOURCE_DATE_EPOCH")
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise UsageError(f"SOURCE_DATE_EPOCH={v!r} is not an integer") from None
+
+
+def run(args: argparse.Namespace, ui: UI) -> int:
+    opts = RepackOptions(
+        image=ImageRef.parse(args.image), bundle=args.bundle, compression=args.compress,
+        history=not args.no_history, created_by=args.created_by, author=args.author,
+        comment=args.comment, refresh_bundle=args.refresh_bundle,
+        source_date_epoch=_epoch())
+    res = repack(opts, ui.warn)
+    if args.json:
+        ui.emit_json(res.to_json())
+    elif res.layer is None:
+        ui.info(f"no changes: {opts.image} points at the bundle's image {res.manifest[:19]}")
+    else:
+        ui.info(f"repacked {res.added} entries and {res.whiteouts} whiteouts into layer "
+                f"{res.layer[:19]} ({res.size / 1e6:.1f} MB); {opts.image} -> "
+                f"{res.manifest[:19]} in {res.seconds:.2f}s")
+    return 0

@@ -1,0 +1,201 @@
+"""What changed in a rootfs since its snapshot, as the entries of a new layer.
+
+The scan is stat-first: an entry whose type, mode, owner, size, mtime, ctime
+and inode all match the snapshot is unchanged without being read.  A regular
+file whose only differences are its inode/ctime (the bundle was copied with
+its metadata) is hashed and compared with the snapshot's content hash.
+
+Output rules (what umoci and the image-spec's changeset rules expect):
+
+- added and modified paths become full entries, sorted, parents first;
+- a removed path becomes ``.wh.NAME``; a removed directory is one whiteout,
+  not one per child;
+- a directory that was removed and re-created (new inode) is emitted with an
+  opaque marker ``.wh..wh..opq`` followed by all of its current content;
+- regular files sharing an inode are emitted once, the other names as
+  hardlinks to the first (sorted) name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from lamina.layer import whiteout as wh
+from lamina.layer.idmap import ROOTLESS_XATTR, IdMapping, decode_rootless
+from lamina.layer.snapshot import TYPE_CODES, walk
+
+# snapshot row indexes
+_T, _MODE, _UID, _GID, _SIZE, _MTIME, _CTIME, _INO, _EXTRA = range(1, 10)
+
+
+@dataclass
+class Change:
+    path: str                    # rootfs-relative, no leading "/"
+    kind: str                    # file, dir, symlink, hardlink, char, block, fifo, whiteout, opaque
+    st: os.stat_result | None = None
+    linkname: str = ""           # symlink target or hardlink target path
+    uid: int = 0                 # container ids
+    gid: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class ScanResult:
+    changes: list[Change]
+    skipped_sockets: list[str]
+    # path -> (row) for the new snapshot; filled for every entry seen
+    rows: list[tuple[object, ...]]
+
+
+def _unmap(host_id: int, mappings: tuple[IdMapping, ...]) -> int:
+    if not mappings:
+        return host_id
+    for m in mappings:
+        if m.host <= host_id < m.host + m.size:
+            return m.container + host_id - m.host
+    return host_id
+
+
+def _sha256(path: str) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def _kind(mode: int) -> str:
+    return {"f": "file", "d": "dir", "l": "symlink", "c": "char", "b": "block", "p": "fifo",
+            "s": "socket"}.get(TYPE_CODES.get(stat.S_IFMT(mode), "?"), "unknown")
+
+
+def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = False,
+         uid_map: tuple[IdMapping, ...] = (), gid_map: tuple[IdMapping, ...] = ()) -> ScanResult:
+    old = {str(r[0]): r for r in snapshot}
+    seen: set[str] = set()
+    changed: list[tuple[str, os.stat_result]] = []
+    opaque_dirs: list[str] = []
+    sockets: list[str] = []
+    rows: list[tuple[object, ...]] = []
+    replaced_under: list[str] = []   # prefixes of re-created directories
+    ex_dirs: set[str] = set()         # directories now something else: children go with them
+
+    for path, st in walk(rootfs):
+        seen.add(path)
+        t = TYPE_CODES.get(stat.S_IFMT(st.st_mode), "?")
+        full = os.path.join(rootfs, path)
+        if t == "s":
+            sockets.append(path)
+            continue
+        prev = old.get(path)
+        extra: bytes | str = ""
+        if t == "l":
+            extra = os.readlink(full)
+        is_changed = True
+        if prev is not None and prev[_T] == t:
+            same_meta = (prev[_MODE] == st.st_mode and prev[_UID] == st.st_uid
+                         and prev[_GID] == st.st_gid and prev[_MTIME] == st.st_mtime_ns)
+            same_inode = prev[_INO] == st.st_ino and prev[_CTIME] == st.st_ctime_ns
+            if t == "d":
+                if prev[_INO] != st.st_ino and not _under(path, replaced_under):
+                    opaque_dirs.append(path)     # removed and re-created
+                    replaced_under.append(path + "/")
+                else:
+                    is_changed = not (same_meta and same_inode)
+            elif t == "f":
+                pe = prev[_EXTRA]
+                extra = pe if isinstance(pe, bytes) else b""
+                if same_meta and prev[_SIZE] == st.st_size:
+                    if same_inode:
+                        is_changed = False
+                    else:
+                        digest = _sha256(full)
+                        is_changed = digest != prev[_EXTRA]
+                        extra = digest
+            elif t == "l":
+                is_changed = not (same_meta and same_inode and extra == prev[_EXTRA])
+            else:
+                is_changed = not (same_meta and same_inode)
+        if prev is not None and prev[_T] == "d" and t != "d":
+            ex_dirs.add(path)
+        if is_changed or _under(path, replaced_under):
+            changed.append((path, st))
+        rows.append((path, t, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                     st.st_ctime_ns, st.st_ino, extra))
+
+    # removals: collapse a removed tree to its top; nothing below a replaced dir
+    removed = sorted(p for p in old if p not in seen)
+    whiteouts: list[str] = []
+    gone: set[str] = set(ex_dirs)
+    for p in removed:
+        parent = p.rpartition("/")[0]
+        if parent in gone or _under(p, replaced_under):
+            gone.add(p)
+            continue
+        gone.add(p)
+        whiteouts.append(p)
+
+    out: list[Change] = []
+    first_of_inode: dict[tuple[int, int], str] = {}
+    changed.sort(key=lambda x: _sort_key(x[0]))  # a hardlink's target must come first
+    for path, st in changed:
+        kind = _kind(st.st_mode)
+        full = os.path.join(rootfs, path)
+        xattrs = _xattrs(full)
+        uid, gid = _unmap(st.st_uid, uid_map), _unmap(st.st_gid, gid_map)
+        if rootless:
+            raw = xattrs.pop(ROOTLESS_XATTR, None)
+            uid, gid = decode_rootless(raw) if raw is not None else (0, 0)
+        c = Change(path, kind, st, uid=uid, gid=gid, xattrs=xattrs)
+        if kind == "symlink":
+            c.linkname = os.readlink(full)
+        elif kind == "file" and st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in first_of_inode:
+                c.kind = "hardlink"
+                c.linkname = first_of_inode[key]
+            else:
+                first_of_inode[key] = path
+        out.append(c)
+    for d in opaque_dirs:
+        out.append(Change(d + "/" + wh.OPAQUE, "opaque"))
+    for p in whiteouts:
+        parent, _, name = p.rpartition("/")
+        out.append(Change(f"{parent}/{wh.PREFIX}{name}" if parent else wh.PREFIX + name,
+                          "whiteout"))
+    out.sort(key=lambda c: _sort_key(c.path))
+    rows.sort()
+    return ScanResult(out, sockets, rows)
+
+
+def _sort_key(path: str) -> tuple[bytes, ...]:
+    # component-wise, so a directory's entries directly follow it
+    return tuple(p.encode("utf-8", "surrogateescape") for p in path.split("/"))
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path.startswith(p) for p in prefixes)
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out: dict[str, bytes] = {}
+    for n in sorted(names):
+        if n.startswith("security.selinux"):
+            continue
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            continue
+    return out
+
+
+def iter_paths(changes: list[Change]) -> Iterator[str]:
+    return (c.path for c in changes)
