@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python -m lamina.demo demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy
 
 test: $(STAMP) apt-deps lint
