@@ -106,7 +106,9 @@ def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResul
     parent = os.path.dirname(bundle)
     if not os.path.isdir(parent):
         raise BundleError(f"parent directory {parent} does not exist")
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-", dir=parent)
+    _remove_stale_stages(parent, os.path.basename(bundle))
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-{os.getpid()}-",
+                             dir=parent)
     result = UnpackResult(bundle, manifest.digest, cfg.digest, len(manifest.layers))
     warnings: list[str] = []
 
@@ -198,6 +200,34 @@ def _opener(layout: OCILayout, desc: Any) -> Callable[[], Any]:
             raise NotFoundError(f"layer blob {desc.digest} is missing from {layout.path}",
                                 hint="the layout is incomplete; re-pull the image") from None
     return open_blob
+
+
+def _remove_stale_stages(parent: str, name: str) -> None:
+    """Remove staging dirs of earlier unpacks of this bundle whose process is gone.
+
+    A killed unpack (SIGKILL, power loss) cannot clean up after itself; its
+    hidden ``.NAME.lamina-PID-XXXX`` directory is reclaimed by the next unpack
+    of the same bundle once PID no longer runs.
+    """
+    prefix = f".{name}.lamina-"
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for e in entries:
+        if not e.startswith(prefix):
+            continue
+        pid_s = e[len(prefix):].partition("-")[0]
+        if not pid_s.isdigit():
+            continue
+        try:
+            os.kill(int(pid_s), 0)
+            continue  # still running (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _rmtree_quiet(os.path.join(parent, e))
 
 
 def write_json(path: str, obj: Any) -> None:
