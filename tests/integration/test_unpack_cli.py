@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LAMINA, run_lamina
 
+from conftest import LAMINA, run_lamina
 from lamina.testing.images import build_image, build_index_image
 from lamina.testing.layers import TarBuilder
 from lamina.testing.tree import diff_manifests, tree_manifest
