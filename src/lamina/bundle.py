@@ -38,7 +38,8 @@ from lamina.errors import (
 from lamina.layer.compression import LayerPipeline, LayerSource
 from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
 from lamina.layer.idmap import IdMapping
-from lamina.layer.snapshot import write_snapshot
+from lamina.layer.snapshot import row as snapshot_row
+from lamina.layer.snapshot import take_snapshot, write_rows
 from lamina.layer.tarstream import TarReader
 from lamina.oci import runtime
 from lamina.oci.layout import ImageRef, OCILayout
@@ -124,7 +125,12 @@ def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResul
                                                      opts.keep_dirlinks), warn)
         try:
             _apply_layers(layout, manifest.layers, cfg.diff_ids, writer, result, prog)
-            writer.finish()
+            # snapshot while every directory is still owner-accessible (rootless: a 0000
+            # directory cannot be walked after its mode is applied), then fix up dirs
+            snap = take_snapshot(rootfs, writer.hashes)
+            for path, st in writer.finish().items():
+                if path:
+                    snap[path] = snapshot_row(path, "d", st, "")
             spec = runtime.generate(cfg, writer.root_fd, rootless=opts.rootless,
                                     uid_map=opts.uid_map, gid_map=opts.gid_map,
                                     image_annotations=manifest.annotations)
@@ -132,7 +138,7 @@ def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResul
             writer.close()
         write_json(os.path.join(stage, "config.json"), spec)
         with open(os.path.join(stage, SNAPSHOT), "wb") as f:
-            write_snapshot(rootfs, writer.hashes, f)
+            write_rows(list(snap.values()), f)
         meta = {
             "lamina": __version__,
             "layout": layout.path,
@@ -237,11 +243,13 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def _rmtree_quiet(path: str) -> None:
-    def fix(func: Any, p: str, exc: BaseException) -> None:
-        # rootless: a directory may have lost its write bit; restore it and retry
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-
+    # rootless: directories may have lost their owner bits; restore them top-down
+    # (os.walk descends after we chmod), then remove
+    for root, dirs, _files in os.walk(path):
+        for d in dirs:
+            p = os.path.join(root, d)
+            if not os.path.islink(p):
+                with contextlib.suppress(OSError):
+                    os.chmod(p, 0o700)
     with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path, onerror=lambda f, p, e: fix(f, p, e[1]))
+        shutil.rmtree(path, ignore_errors=True)

@@ -274,8 +274,11 @@ class RootfsWriter:
             self._setxattr(path, fd, name, value)
 
     # -- removal ---------------------------------------------------------------
-    def _remove(self, pfd: int, name: str, is_dir: bool, real: str) -> None:
-        if is_dir:
+    def _remove(self, pfd: int, name: str, mode: int, real: str) -> None:
+        if stat.S_ISLNK(mode):
+            # cached directory fds may have been resolved through this symlink
+            self._drop_cache()
+        if stat.S_ISDIR(mode):
             self._drop_cache()
             shutil.rmtree(name, dir_fd=pfd)
             prefix = real + "/"
@@ -292,7 +295,7 @@ class RootfsWriter:
             return
         keep = real in self._layer_paths or real in self._layer_ancestors
         if not keep:
-            self._remove(pfd, name, stat.S_ISDIR(st.st_mode), real)
+            self._remove(pfd, name, st.st_mode, real)
             return
         if not stat.S_ISDIR(st.st_mode):
             return
@@ -395,7 +398,9 @@ class RootfsWriter:
                      stats: LayerStats) -> None:
         # create first and look only on EEXIST: most entries land on a free path
         if e.kind == "file":
-            mode = e.mode & 0o777
+            # rootless: keep owner rw until xattrs are set (the kernel checks the
+            # inode's mode for user.* xattrs, even through a writable fd)
+            mode = e.mode & 0o777 | (0o600 if self.opts.rootless else 0)
             try:
                 fd = os.open(name, _FILE_FLAGS, mode, dir_fd=pfd)
             except FileExistsError:
@@ -419,7 +424,7 @@ class RootfsWriter:
                             return  # --keep-dirlinks: keep the symlink to a directory
                     except CorruptLayerError:
                         pass  # dangling or not a directory: replace it like any entry
-                self._remove(pfd, name, False, real)
+                self._remove(pfd, name, old.st_mode, real)
                 os.mkdir(name, 0o700, dir_fd=pfd)
             self._chown(real, e.uid, e.gid, None, fresh=True)
             self._set_xattrs(real, None, e.xattrs, clear=False)
@@ -449,13 +454,13 @@ class RootfsWriter:
             old = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        self._remove(pfd, name, stat.S_ISDIR(old.st_mode), real)
+        self._remove(pfd, name, old.st_mode, real)
 
     def _meta_path(self, e: TarEntry, pfd: int, name: str, real: str, chmod: bool) -> None:
         self._chown(real, e.uid, e.gid, None, fresh=True)
+        self._set_xattrs(real, None, e.xattrs, clear=False)
         if chmod:
             os.chmod(name, e.mode, dir_fd=pfd)
-        self._set_xattrs(real, None, e.xattrs, clear=False)
         ns = (e.mtime_ns, e.mtime_ns)
         os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
 
@@ -474,13 +479,14 @@ class RootfsWriter:
                     while view:
                         view = view[os.write(fd, view):]
             self.hashes[real] = h.digest()
-            # chmod after chown (which clears setuid bits), and only where the
-            # creation mode (umask, special bits) or a chown left it wrong
-            if self._chown(real, e.uid, e.gid, fd, fresh=True) or e.mode & (
-                    0o7000 | self._umask):
-                os.fchmod(fd, e.mode)
+            # order: chown (clears setuid bits and capabilities), xattrs, chmod; the
+            # chmod only where creation mode (umask, special bits, rootless) or chown
+            # left it wrong
+            chowned = self._chown(real, e.uid, e.gid, fd, fresh=True)
             if e.xattrs:
-                self._set_xattrs(real, fd, e.xattrs, clear=False)  # after chown (caps)
+                self._set_xattrs(real, fd, e.xattrs, clear=False)
+            if chowned or self.opts.rootless or e.mode & (0o7000 | self._umask):
+                os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
             os.close(fd)
@@ -514,7 +520,7 @@ class RootfsWriter:
         if old is not None:
             if (old.st_dev, old.st_ino) == (tst.st_dev, tst.st_ino):
                 return True  # already the same file
-            self._remove(pfd, name, stat.S_ISDIR(old.st_mode), real)
+            self._remove(pfd, name, old.st_mode, real)
         os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         h = self.hashes.get(target_real)
         if h is not None:
@@ -522,9 +528,14 @@ class RootfsWriter:
         return True
 
     # -- the end -----------------------------------------------------------------
-    def finish(self) -> None:
-        """Apply delayed directory modes and mtimes (deepest first)."""
+    def finish(self) -> dict[str, os.stat_result]:
+        """Apply delayed directory modes and mtimes (deepest first).
+
+        Returns the final stat of every directory it touched, so a snapshot
+        taken before (while every directory was still readable) can be fixed up.
+        """
         self._drop_cache()
+        final: dict[str, os.stat_result] = {}
         self._close_stale()
         for path in sorted(self.dir_meta, key=lambda p: p.count("/"), reverse=True):
             mode, mtime_ns = self.dir_meta[path]
@@ -537,5 +548,7 @@ class RootfsWriter:
                 os.fchmod(fd, mode)
                 if mtime_ns >= 0:
                     os.utime(fd, ns=(mtime_ns, mtime_ns))
+                final[path] = os.fstat(fd)
             finally:
                 os.close(fd)
+        return final

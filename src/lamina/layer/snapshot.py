@@ -28,34 +28,50 @@ def walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
     stack = [""]
     while stack:
         rel = stack.pop()
-        with os.scandir(os.path.join(root, rel) if rel else root) as it:
-            for de in it:
-                path = f"{rel}/{de.name}" if rel else de.name
-                st = de.stat(follow_symlinks=False)
-                yield path, st
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(path)
+        d = os.path.join(root, rel) if rel else root
+        try:
+            entries = _scandir(d)
+        except PermissionError:
+            # rootless bundles: a directory we own may have no owner r/x bits
+            mode = os.lstat(d).st_mode
+            os.chmod(d, mode | 0o500)
+            try:
+                entries = _scandir(d)
+            finally:
+                os.chmod(d, stat.S_IMODE(mode))
+        for path_name, st in entries:
+            path = f"{rel}/{path_name}" if rel else path_name
+            yield path, st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+
+
+def _scandir(d: str) -> list[tuple[str, os.stat_result]]:
+    with os.scandir(d) as it:
+        return [(de.name, de.stat(follow_symlinks=False)) for de in it]
 
 
 FORMAT = 1
 
 
-def write_snapshot(root: str, hashes: dict[str, bytes], out: IO[bytes]) -> int:
-    """Write the snapshot of *root* to *out*; returns the number of entries."""
-    rows: list[tuple[object, ...]] = []
+def take_snapshot(root: str, hashes: dict[str, bytes]) -> dict[str, tuple[object, ...]]:
+    """Stat every entry below *root*: path -> row."""
+    rows: dict[str, tuple[object, ...]] = {}
     for path, st in walk(root):
         t = TYPE_CODES.get(stat.S_IFMT(st.st_mode), "?")
         extra: bytes | str = hashes.get(path, b"") if t == "f" else (
             os.readlink(os.path.join(root, path)) if t == "l" else "")
-        rows.append((path, t, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                     st.st_ctime_ns, st.st_ino, extra))
-    rows.sort()
-    write_rows(rows, out)
-    return len(rows)
+        rows[path] = row(path, t, st, extra)
+    return rows
+
+
+def row(path: str, t: str, st: os.stat_result, extra: bytes | str) -> tuple[object, ...]:
+    return (path, t, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns, st.st_ino, extra)
 
 
 def write_rows(rows: list[tuple[object, ...]], out: IO[bytes]) -> None:
-    marshal.dump(({"format": FORMAT}, rows), out)
+    marshal.dump(({"format": FORMAT}, sorted(rows)), out)
 
 
 def read_snapshot(f: IO[bytes]) -> list[tuple[object, ...]]:

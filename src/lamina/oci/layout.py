@@ -31,6 +31,7 @@ from lamina.errors import (
     UsageError,
 )
 from lamina.oci import mediatypes as mt
+from lamina.oci import schema
 from lamina.oci.model import Descriptor, ImageConfig, Manifest, Platform
 
 MAX_JSON_BLOB = 16 << 20  # manifests/configs larger than this are hostile
@@ -189,7 +190,11 @@ class OCILayout:
         finally:
             w.abort()
 
-    def put_json(self, obj: Any, media_type: str) -> Descriptor:
+    def put_json(self, obj: Any, media_type: str, *, validate: bool = True) -> Descriptor:
+        """Store *obj* as canonical JSON, first checked against its image-spec schema
+        (``validate=False`` only for tests that write hostile documents on purpose)."""
+        if validate:
+            schema.validate(obj, media_type)
         return self.put_blob(canonical_json(obj), media_type)
 
     # -- index and refs ------------------------------------------------------
@@ -250,6 +255,7 @@ class OCILayout:
             os.close(fd)
 
     def _write_index(self, idx: dict[str, Any]) -> None:
+        schema.validate(idx, mt.INDEX)
         _atomic_write(os.path.join(self.path, "index.json"), canonical_json(idx))
 
     # -- resolution ----------------------------------------------------------
