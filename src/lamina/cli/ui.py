@@ -25,7 +25,8 @@ class UI:
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet or json_mode
-        self.err = Console(stderr=True, highlight=False)
+        # soft_wrap: a message piped to a log stays on one line (rich wraps at 80 otherwise)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def emit_json(self, obj: Any) -> None:
         sys.stdout.write(json.dumps(obj, indent=None, sort_keys=True) + "\n")

@@ -494,7 +494,7 @@ class RootfsWriter:
         stats.bytes += e.size
 
     def _hardlink(self, e: TarEntry, pfd: int, name: str, real: str, final: bool) -> bool:
-        tcomps = clean_name(e.linkname, "hardlink target")
+        tcomps = clean_name(e.linkname, f"hardlink {e.name!r}: target")
         if not tcomps:
             raise UnsafeLayerError(f"hardlink {e.name!r} points at the root directory")
         got = self._dir_fd(tcomps[:-1], False, e.name)

@@ -320,8 +320,11 @@ class TarReader:
         if pax:
             name_b = pax.get("path", name_b)
             link_b = pax.get("linkpath", link_b)
-        if b"\0" in name_b or b"\0" in link_b:
+        if b"\0" in name_b:
             raise UnsafeLayerError(f"tar member name contains a NUL byte: {name_b!r}")
+        if b"\0" in link_b:
+            raise UnsafeLayerError(
+                f"tar member {name_b!r}: link target contains a NUL byte: {link_b!r}")
         kind = TYPE_NAMES.get(typ)
         if kind is None:
             if typ == b"D":
