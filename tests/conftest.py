@@ -24,8 +24,9 @@ def run_lamina(args: Sequence[str], *, check: bool = False, env: dict[str, str] 
     e = dict(os.environ)
     if env:
         e.update(env)
-    return subprocess.run([*LAMINA, *args], capture_output=True, text=True, check=check,
-                          env=e, **kw)  # type: ignore[call-overload,no-any-return]
+    proc: subprocess.CompletedProcess[str] = subprocess.run(
+        [*LAMINA, *args], capture_output=True, text=True, check=check, env=e, **kw)  # type: ignore[call-overload]
+    return proc
 
 
 def need_tool(name: str) -> str:

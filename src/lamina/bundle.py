@@ -129,8 +129,7 @@ def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResul
             # directory cannot be walked after its mode is applied), then fix up dirs
             snap = take_snapshot(rootfs, writer.hashes)
             for path, st in writer.finish().items():
-                if path:
-                    snap[path] = snapshot_row(path, "d", st, "")
+                snap[path] = snapshot_row(path, "d", st, "")
             spec = runtime.generate(cfg, writer.root_fd, rootless=opts.rootless,
                                     uid_map=opts.uid_map, gid_map=opts.gid_map,
                                     image_annotations=manifest.annotations)

@@ -1,9 +1,10 @@
 """What changed in a rootfs since its snapshot, as the entries of a new layer.
 
 The scan is stat-first: an entry whose type, mode, owner, size, mtime, ctime
-and inode all match the snapshot is unchanged without being read.  A regular
-file whose only differences are its inode/ctime (the bundle was copied with
-its metadata) is hashed and compared with the snapshot's content hash.
+and inode all match the snapshot is unchanged without being read.  When the
+whole bundle was copied (the rootfs directory has a new inode), inode numbers
+and ctimes mean nothing: files with the same metadata are then hashed and
+compared with the snapshot's content hashes, and xattrs are assumed kept.
 
 Output rules (what umoci and the image-spec's changeset rules expect):
 
@@ -24,9 +25,10 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from lamina.errors import BundleError
 from lamina.layer import whiteout as wh
 from lamina.layer.idmap import ROOTLESS_XATTR, IdMapping, decode_rootless
-from lamina.layer.snapshot import TYPE_CODES, walk
+from lamina.layer.snapshot import TYPE_CODES, row, walk
 
 # snapshot row indexes
 _T, _MODE, _UID, _GID, _SIZE, _MTIME, _CTIME, _INO, _EXTRA = range(1, 10)
@@ -83,6 +85,18 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
     rows: list[tuple[object, ...]] = []
     replaced_under: list[str] = []   # prefixes of re-created directories
     ex_dirs: set[str] = set()         # directories now something else: children go with them
+    root_st = os.lstat(rootfs)
+    root_prev = old.pop("", None)
+    # a bundle copied elsewhere (cp -a, rsync) has new inode numbers and ctimes
+    # everywhere: then only metadata and content hashes can say what changed
+    copied = root_prev is not None and root_prev[_INO] != root_st.st_ino
+    if root_prev is not None and not (
+            root_prev[_MODE] == root_st.st_mode and root_prev[_UID] == root_st.st_uid
+            and root_prev[_GID] == root_st.st_gid and (copied or (
+                root_prev[_CTIME] == root_st.st_ctime_ns
+                and root_prev[_MTIME] == root_st.st_mtime_ns))):
+        changed.append(("", root_st))
+    rows.append(row("", "d", root_st, ""))
 
     for path, st in walk(rootfs):
         seen.add(path)
@@ -91,6 +105,10 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
         if t == "s":
             sockets.append(path)
             continue
+        if path.rpartition("/")[2].startswith(wh.PREFIX):
+            raise BundleError(
+                f"/{path}: names starting with {wh.PREFIX!r} are reserved for whiteouts and "
+                "cannot be stored in a layer", hint="rename or remove the file, then repack")
         prev = old.get(path)
         extra: bytes | str = ""
         if t == "l":
@@ -99,9 +117,11 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
         if prev is not None and prev[_T] == t:
             same_meta = (prev[_MODE] == st.st_mode and prev[_UID] == st.st_uid
                          and prev[_GID] == st.st_gid and prev[_MTIME] == st.st_mtime_ns)
-            same_inode = prev[_INO] == st.st_ino and prev[_CTIME] == st.st_ctime_ns
+            # same inode and ctime: nothing about the inode changed (ctime moves on
+            # any chmod, chown, xattr change, link or rename)
+            same_inode = copied or (prev[_INO] == st.st_ino and prev[_CTIME] == st.st_ctime_ns)
             if t == "d":
-                if prev[_INO] != st.st_ino and not _under(path, replaced_under):
+                if not copied and prev[_INO] != st.st_ino and not _under(path, replaced_under):
                     opaque_dirs.append(path)     # removed and re-created
                     replaced_under.append(path + "/")
                 else:
@@ -110,8 +130,8 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
                 pe = prev[_EXTRA]
                 extra = pe if isinstance(pe, bytes) else b""
                 if same_meta and prev[_SIZE] == st.st_size:
-                    if same_inode:
-                        is_changed = False
+                    if not copied:
+                        is_changed = not same_inode
                     else:
                         digest = _sha256(full)
                         is_changed = digest != prev[_EXTRA]
@@ -124,8 +144,7 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
             ex_dirs.add(path)
         if is_changed or _under(path, replaced_under):
             changed.append((path, st))
-        rows.append((path, t, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                     st.st_ctime_ns, st.st_ino, extra))
+        rows.append(row(path, t, st, extra))
 
     # removals: collapse a removed tree to its top; nothing below a replaced dir
     removed = sorted(p for p in old if p not in seen)

@@ -78,7 +78,8 @@ def header_for(c: Change, clamp_ns: int | None) -> Header:
     mtime = st.st_mtime_ns
     if clamp_ns is not None and mtime > clamp_ns:
         mtime = clamp_ns
-    h = Header(c.path + ("/" if c.kind == "dir" else ""), c.kind, stat.S_IMODE(st.st_mode),
+    name = "./" if c.path == "" else c.path + ("/" if c.kind == "dir" else "")
+    h = Header(name, c.kind, stat.S_IMODE(st.st_mode),
                c.uid, c.gid, 0, mtime, c.linkname, xattrs=c.xattrs)
     if c.kind in ("char", "block"):
         h.devmajor, h.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)

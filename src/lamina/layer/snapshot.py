@@ -56,7 +56,7 @@ FORMAT = 1
 
 def take_snapshot(root: str, hashes: dict[str, bytes]) -> dict[str, tuple[object, ...]]:
     """Stat every entry below *root*: path -> row."""
-    rows: dict[str, tuple[object, ...]] = {}
+    rows: dict[str, tuple[object, ...]] = {"": row("", "d", os.lstat(root), "")}
     for path, st in walk(root):
         t = TYPE_CODES.get(stat.S_IFMT(st.st_mode), "?")
         extra: bytes | str = hashes.get(path, b"") if t == "f" else (

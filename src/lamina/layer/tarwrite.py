@@ -100,10 +100,12 @@ def header_bytes(h: Header) -> bytes:
     size = _octal(h.size, 12)
     if size is None:
         pax.append(_pax_record("size", str(h.size).encode()))
-    sec, frac = divmod(h.mtime_ns, 1_000_000_000)
-    mtime = _octal(sec, 12)
+    sec, frac = divmod(abs(h.mtime_ns), 1_000_000_000)
+    mtime = _octal(sec, 12) if h.mtime_ns >= 0 else None
     if frac or mtime is None:
-        txt = str(sec) + (("." + f"{frac:09d}".rstrip("0")) if frac else "")
+        # pax times are signed decimals: -1.5 is 1.5 s before the epoch
+        txt = ("-" if h.mtime_ns < 0 else "") + str(sec) + (
+            ("." + f"{frac:09d}".rstrip("0")) if frac else "")
         pax.append(_pax_record("mtime", txt.encode()))
     for k in sorted(h.xattrs):
         pax.append(_pax_record("SCHILY.xattr." + k, h.xattrs[k]))
