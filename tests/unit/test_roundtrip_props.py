@@ -12,12 +12,6 @@ After ``repack`` and a fresh ``unpack`` of the new tag, ``tree_manifest``
 entry describes it) must be equal.  Runs the library in-process (the CLI is
 covered by the integration tests) and needs root for real owners.
 
-Two edits lamina is known to lose are left out of (b), each having its own
-failing test in tests/integration/test_repack_semantics.py: an xattr-only change
-of a regular file (test_xattr_only_change) and a new name for a lower-layer
-file, which renaming one name of a lower hard-link group amounts to
-(test_hardlink_to_a_lower_file_survives).  ``LAMINA_PROP_KNOWN_BUGS=1`` puts
-them back in (hypothesis finds both within a few dozen examples).
 """
 
 from __future__ import annotations
@@ -230,17 +224,6 @@ def dirs_of(root: Path) -> list[str]:
     return [""] + [p for p in entries(root) if (root / p).is_dir() and not (root / p).is_symlink()]
 
 
-def has_shared_inode(root: Path, path: str) -> bool:
-    """Whether *path* is, or contains, a regular file with more than one name."""
-    p = root / path
-    st = os.lstat(p)
-    if stat.S_ISREG(st.st_mode):
-        return st.st_nlink > 1
-    if stat.S_ISDIR(st.st_mode):
-        return any(has_shared_inode(root, f"{path}/{c}") for c in os.listdir(p))
-    return False
-
-
 def remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p)
@@ -253,8 +236,6 @@ def new_path(data: st.DataObject, root: Path) -> str:
     name = data.draw(names, label="name")
     return f"{parent}/{name}" if parent else name
 
-
-KNOWN_BUGS = os.environ.get("LAMINA_PROP_KNOWN_BUGS") == "1"
 
 OPS = ["add_file", "add_dir", "add_symlink", "add_pair", "remove", "modify", "chmod", "chown",
        "utime", "rename", "rename", "retype", "recreate_dir", "dir_xattr"]
@@ -303,8 +284,6 @@ def apply_edit(data: st.DataObject, root: Path) -> str:
         t = data.draw(mtimes)
         os.utime(p, ns=(t, t), follow_symlinks=False)
     elif op == "rename":
-        if has_shared_inode(root, path) and not KNOWN_BUGS:
-            return "skip"   # a new name for a lower inode: known bug, see module doc
         dest = new_path(data, root)
         if dest == path or dest.startswith(path + "/") or os.path.lexists(root / dest):
             return "skip"
@@ -327,8 +306,8 @@ def apply_edit(data: st.DataObject, root: Path) -> str:
         if data.draw(st.booleans()):
             (p / data.draw(names)).write_bytes(b"new content")
     elif op == "dir_xattr":
-        if kind != stat.S_IFDIR and not (KNOWN_BUGS and kind == stat.S_IFREG):
-            return "skip"   # on a regular file alone: known bug, see module doc
+        if kind not in (stat.S_IFDIR, stat.S_IFREG):
+            return "skip"   # the kernel refuses user.* xattrs on symlinks and fifos
         os.setxattr(p, data.draw(xattr_names), data.draw(st.binary(max_size=20)))
     return f"{op} {path}"
 
