@@ -69,7 +69,7 @@ def read_bundle_meta(bundle: str) -> dict[str, Any]:
     return meta
 
 
-def _now(epoch: int | None) -> str:
+def timestamp(epoch: int | None) -> str:
     t = _dt.datetime.fromtimestamp(epoch if epoch is not None else time.time(), _dt.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if epoch is None else t.strftime(
         "%Y-%m-%dT%H:%M:%SZ")
@@ -114,7 +114,7 @@ def repack(opts: RepackOptions, warn: Any = None) -> RepackResult:
         rootfs_cfg = dict(config.get("rootfs") or {"type": "layers"})
         rootfs_cfg["diff_ids"] = [*rootfs_cfg.get("diff_ids", []), gen.diff_id]
         config["rootfs"] = rootfs_cfg
-        created = _now(opts.source_date_epoch)
+        created = timestamp(opts.source_date_epoch)
         config["created"] = created
         if opts.history:
             h: dict[str, Any] = {"created": created,

@@ -14,12 +14,20 @@ from collections.abc import Sequence
 from types import FrameType
 
 from lamina import __version__
+from lamina.cli import config as config_cmd
+from lamina.cli import gc as gc_cmd
+from lamina.cli import insert as insert_cmd
+from lamina.cli import ls as ls_cmd
+from lamina.cli import new as new_cmd
 from lamina.cli import repack as repack_cmd
+from lamina.cli import stat as stat_cmd
+from lamina.cli import tag as tag_cmd
 from lamina.cli import unpack as unpack_cmd
 from lamina.cli.ui import UI
 from lamina.errors import LaminaError, UsageError
 
-COMMANDS = [unpack_cmd, repack_cmd]
+COMMANDS = [unpack_cmd, repack_cmd, new_cmd, config_cmd, insert_cmd, tag_cmd, ls_cmd,
+            stat_cmd, gc_cmd]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _epoch() -> int | None:
+def source_date_epoch_env() -> int | None:
     v = os.environ.get("SOURCE_DATE_EPOCH")
     if v is None or v == "":
         return None
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
         image=ImageRef.parse(args.image), bundle=args.bundle, compression=args.compress,
         history=not args.no_history, created_by=args.created_by, author=args.author,
         comment=args.comment, refresh_bundle=args.refresh_bundle,
-        source_date_epoch=_epoch())
+        source_date_epoch=source_date_epoch_env())
     res = repack(opts, ui.warn)
     if args.json:
         ui.emit_json(res.to_json())

@@ -53,7 +53,7 @@ class ScanResult:
     rows: list[tuple[object, ...]]
 
 
-def _unmap(host_id: int, mappings: tuple[IdMapping, ...]) -> int:
+def unmap_id(host_id: int, mappings: tuple[IdMapping, ...]) -> int:
     if not mappings:
         return host_id
     for m in mappings:
@@ -70,7 +70,7 @@ def _sha256(path: str) -> bytes:
     return h.digest()
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
     return {"f": "file", "d": "dir", "l": "symlink", "c": "char", "b": "block", "p": "fifo",
             "s": "socket"}.get(TYPE_CODES.get(stat.S_IFMT(mode), "?"), "unknown")
 
@@ -160,12 +160,12 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
 
     out: list[Change] = []
     first_of_inode: dict[tuple[int, int], str] = {}
-    changed.sort(key=lambda x: _sort_key(x[0]))  # a hardlink's target must come first
+    changed.sort(key=lambda x: sort_key(x[0]))  # a hardlink's target must come first
     for path, st in changed:
-        kind = _kind(st.st_mode)
+        kind = kind_of(st.st_mode)
         full = os.path.join(rootfs, path)
-        xattrs = _xattrs(full)
-        uid, gid = _unmap(st.st_uid, uid_map), _unmap(st.st_gid, gid_map)
+        xattrs = read_xattrs(full)
+        uid, gid = unmap_id(st.st_uid, uid_map), unmap_id(st.st_gid, gid_map)
         if rootless:
             raw = xattrs.pop(ROOTLESS_XATTR, None)
             uid, gid = decode_rootless(raw) if raw is not None else (0, 0)
@@ -186,12 +186,12 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
         parent, _, name = p.rpartition("/")
         out.append(Change(f"{parent}/{wh.PREFIX}{name}" if parent else wh.PREFIX + name,
                           "whiteout"))
-    out.sort(key=lambda c: _sort_key(c.path))
+    out.sort(key=lambda c: sort_key(c.path))
     rows.sort()
     return ScanResult(out, sockets, rows)
 
 
-def _sort_key(path: str) -> tuple[bytes, ...]:
+def sort_key(path: str) -> tuple[bytes, ...]:
     # component-wise, so a directory's entries directly follow it
     return tuple(p.encode("utf-8", "surrogateescape") for p in path.split("/"))
 
@@ -200,7 +200,7 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path.startswith(p) for p in prefixes)
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
+def read_xattrs(path: str) -> dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:

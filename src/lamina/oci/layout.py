@@ -227,7 +227,7 @@ class OCILayout:
         ann = dict(desc.annotations)
         ann[mt.REF_NAME] = tag
         new = Descriptor(desc.media_type, desc.digest, desc.size, ann, desc.platform, desc.raw)
-        with self._index_lock():
+        with self.index_lock():
             idx = self.read_index()
             idx["manifests"] = [m for m in idx["manifests"] if not (
                 isinstance(m, dict) and (m.get("annotations") or {}).get(mt.REF_NAME) == tag)]
@@ -235,7 +235,7 @@ class OCILayout:
             self._write_index(idx)
 
     def remove_ref(self, tag: str) -> None:
-        with self._index_lock():
+        with self.index_lock():
             idx = self.read_index()
             before = len(idx["manifests"])
             idx["manifests"] = [m for m in idx["manifests"] if not (
@@ -245,7 +245,7 @@ class OCILayout:
             self._write_index(idx)
 
     @contextlib.contextmanager
-    def _index_lock(self) -> Iterator[None]:
+    def index_lock(self) -> Iterator[None]:
         fd = os.open(os.path.join(self.path, "index.json.lock"),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:

@@ -100,7 +100,7 @@ def put_image(lay: OCILayout, layers: Sequence[bytes], *,
     if plat.variant:
         cfg["variant"] = plat.variant
     cfg.update(extra_config or {})
-    cfg_desc = lay.put_json(cfg, mt.CONFIG)
+    cfg_desc = lay.put_json(cfg, mt.CONFIG, validate=not extra_config)  # hostile tests
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": mt.MANIFEST,
