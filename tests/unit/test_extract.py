@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import CorruptLayerError, UnsafeLayerError
-from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
 from lamina.layer.idmap import ROOTLESS_XATTR, decode_rootless
-from lamina.layer.tarstream import TarReader
+from lamina.testing.extract import apply_layers
 
 Member = tuple[str, bytes, dict[str, object]]
 
@@ -38,16 +37,8 @@ def layer(*members: tuple[str, str] | tuple[str, str, dict[str, object]]) -> byt
     return buf.getvalue()
 
 
-def apply(root: Path, *layers: bytes, keep_dirlinks: bool = False) -> RootfsWriter:
-    root.mkdir(exist_ok=True)
-    w = RootfsWriter(str(root), ExtractOptions(rootless=True, keep_dirlinks=keep_dirlinks))
-    try:
-        for data in layers:
-            w.apply(TarReader(io.BytesIO(data).read), LayerStats())
-        w.finish()
-    finally:
-        w.close()
-    return w
+def apply(root: Path, *layers: bytes, keep_dirlinks: bool = False) -> None:
+    apply_layers(root, *layers, keep_dirlinks=keep_dirlinks)
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -14,20 +14,14 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import CorruptLayerError, UnsafeLayerError
-from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter, clean_name
+from lamina.layer.extract import clean_name
 from lamina.layer.tarstream import TarReader
+from lamina.testing.extract import apply_layers
 from lamina.testing.layers import XHDTYPE, RawEntry, TarBuilder, header_block
 
 
 def apply(root: Path, *layers: bytes, keep_dirlinks: bool = False) -> None:
-    root.mkdir(exist_ok=True)
-    w = RootfsWriter(str(root), ExtractOptions(rootless=True, keep_dirlinks=keep_dirlinks))
-    try:
-        for data in layers:
-            w.apply(TarReader(io.BytesIO(data).read), LayerStats())
-        w.finish()
-    finally:
-        w.close()
+    apply_layers(root, *layers, keep_dirlinks=keep_dirlinks)
 
 
 def entries(data: bytes) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lamina.cli.common import image_args
 from lamina.cli.repack import source_date_epoch_env
 from lamina.cli.ui import UI
 from lamina.oci.edit import CLEARABLE, ConfigOptions, edit_config, parse_kv
@@ -22,12 +23,7 @@ def register(sub: Any) -> None:
                     "replace (--config.entrypoint, --config.cmd) what the image has.  A "
                     "history entry with empty_layer is added unless --no-history.  Values "
                     "starting with '-' need the --opt=VALUE form.")
-    p.add_argument("--image", required=True, metavar="LAYOUT[:TAG]",
-                   help="layout and tag (default tag: latest)")
-    p.add_argument("--tag", dest="new_tag", metavar="NEWTAG",
-                   help="tag the result NEWTAG instead of overwriting TAG")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                   help="platform to pick when TAG is an image index (default: this machine)")
+    image_args(p, new_tag=True, platform=True)
     p.add_argument("--clear", action="append", default=[], choices=sorted(CLEARABLE),
                    metavar="FIELD", help="remove a field first (repeatable): "
                                          + ", ".join(sorted(CLEARABLE)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lamina.cli.common import image_args
 from lamina.cli.repack import source_date_epoch_env
 from lamina.cli.ui import UI
 from lamina.errors import UsageError
@@ -24,12 +25,7 @@ def register(sub: Any) -> None:
                     "that removes TARGET, and tag the result.  Files keep their modes, "
                     "times and xattrs; owners are the host's unless mapped.  A layer cannot "
                     "take secrets out of lower layers: see --config.volume instead.")
-    p.add_argument("--image", required=True, metavar="LAYOUT[:TAG]",
-                   help="layout and tag (default tag: latest)")
-    p.add_argument("--tag", dest="new_tag", metavar="NEWTAG",
-                   help="tag the result NEWTAG instead of overwriting TAG")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
-                   help="platform to pick when TAG is an image index (default: this machine)")
+    image_args(p, new_tag=True, platform=True)
     p.add_argument("--opaque", action="store_true",
                    help="TARGET (a directory) hides everything lower layers have below it")
     p.add_argument("--whiteout", action="store_true", help="remove TARGET from the image")

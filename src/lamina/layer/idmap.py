@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from lamina.errors import UnsafeLayerError, UsageError
 
 ROOTLESS_XATTR = "user.rootlesscontainers"
+NOOP_ID = 0xFFFFFFFF  # rootlesscontainers' "leave this id alone" (umoci writes it)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def decode_rootless(data: bytes) -> tuple[int, int]:
             shift += 7
             if not b & 0x80:
                 break
+        if val == NOOP_ID:
+            val = 0  # "unchanged": the file's owner, i.e. the container's root
         if key >> 3 == 1:
             uid = val
         elif key >> 3 == 2:
