@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""Unpack benchmark: lamina vs umoci vs GNU tar on the real corpus.
+
+    python bench/unpack.py [--corpus DIR] [--tags base,py,app,many] [--repeat N]
+                           [--out BENCHMARKS.md]
+
+For each tag the three commands run interleaved (lamina, umoci, tar, lamina,
+...), N times each, every run into a fresh directory below --workdir (removed
+again outside the timing, `sync` before every timed run). Reports median and
+minimum wall time and the peak RSS, writes the section between
+<!-- bench:unpack:begin --> and <!-- bench:unpack:end --> of --out and prints
+it. The targets (lamina <= 0.5x umoci, <= 1.3x tar, peak RSS < 200 MB) are
+marked PASS/MISS; nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common import (
+    REPO,
+    Layer,
+    RunResult,
+    can_drop_caches,
+    count_files,
+    drop_clean_caches,
+    find_corpus,
+    fs_type,
+    layout_tags,
+    machine_line,
+    md_table,
+    median,
+    remove_tree,
+    replace_section,
+    resolve_layers,
+    rss_method,
+    run_measured,
+    tool_version,
+    warm,
+)
+
+SECTION = "unpack"
+TOOLS = ("lamina", "umoci", "tar")
+TARGET_UMOCI = 0.5  # lamina/umoci wall time, at most
+TARGET_TAR = 1.3  # lamina/tar wall time, at most
+TARGET_RSS_MB = 200.0  # lamina peak RSS, below
+TAR_DONE = "Exiting with failure status due to previous errors"
+
+
+@dataclass
+class Case:
+    label: str
+    layout: Path
+    tag: str
+    layers: list[Layer]
+    tools: tuple[str, ...]  # what runs
+    wanted: tuple[str, ...]  # what applies to this image (umoci: not for zstd)
+    runs: dict[str, list[RunResult]] = field(default_factory=dict)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    tar_errors: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.layout}:{self.tag}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.layout.name}-{self.tag}"
+
+    def ok_runs(self, tool: str) -> list[RunResult]:
+        return [r for r in self.runs.get(tool, []) if r.ok]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def lamina_cmd(override: str | None) -> list[str]:
+    """The lamina console script next to this interpreter, else `python -m lamina`."""
+    if override:
+        return shlex.split(override)
+    for cand in (Path(sys.executable).parent / "lamina", REPO / ".venv" / "bin" / "lamina"):
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return [str(cand)]
+    found = shutil.which("lamina")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "lamina"]
+
+
+def tar_script(layers: Sequence[Layer], dest: Path) -> str:
+    """All layers in order; a layer tar fails on does not stop the later ones."""
+    flags = {"gzip": ["-xzf"], "zstd": ["--zstd", "-xf"], "none": ["-xf"]}
+    parts = [shlex.join(["tar", *flags[la.compression], str(la.path), "-C", str(dest)])
+             + " || rc=$?" for la in layers]
+    return "rc=0; " + "; ".join(parts) + "; exit $rc"
+
+
+def command(tool: str, case: Case, dest: Path, lamina: list[str], rootless: bool) -> list[str]:
+    extra = ["--rootless"] if rootless else []
+    if tool == "lamina":
+        return [*lamina, "unpack", "--quiet", *extra, "--image", case.ref, str(dest)]
+    if tool == "umoci":
+        return ["umoci", "unpack", *extra, "--image", case.ref, str(dest)]
+    if tool == "tar":
+        return ["sh", "-c", tar_script(case.layers, dest)]
+    raise ValueError(tool)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_case(case: Case, root: Path, repeat: int, lamina: list[str], rootless: bool,
+             timeout: float, drop: bool) -> None:
+    blobs = [la.path for la in case.layers]
+    warm(blobs)
+    for tool in case.tools:
+        case.runs[tool] = []
+    for rep in range(repeat):
+        for tool in case.tools:
+            dest = root / f"{case.slug}-{tool}-{rep}"
+            remove_tree(dest)
+            if tool == "tar":
+                dest.mkdir()  # lamina and umoci create the bundle themselves
+            cmd = command(tool, case, dest, lamina, rootless)
+            if drop:  # see common.drop_clean_caches: undo the cost of the last deletion
+                drop_clean_caches()
+                warm(blobs)
+            os.sync()
+            r = run_measured(cmd, timeout=timeout)
+            if tool == "tar" and r.rc == 2 and TAR_DONE in r.stderr_tail:
+                # GNU tar went through the whole archive but could not apply some
+                # member (e.g. a file replacing a directory of a lower layer): the
+                # time is kept and the error reported in the notes
+                case.tar_errors = [ln for ln in r.stderr_tail.splitlines()
+                                   if ln.startswith("tar: ") and TAR_DONE not in ln]
+                r.rc = 0
+            case.runs[tool].append(r)
+            rss = f"{r.maxrss_kb / 1000:.0f} MB" if r.maxrss_kb is not None else "?"
+            status = "ok" if r.ok else f"FAILED rc={r.rc}"
+            if tool == "tar" and case.tar_errors:
+                status += " (tar reported errors, see notes)"
+            cpu = f"{r.cpu_seconds:.1f}" if r.cpu_seconds is not None else "?"
+            other = f"{r.other_cpu:.2f}" if r.other_cpu is not None else "?"
+            print(f"  {case.label:<12} {tool:<6} run {rep + 1}/{repeat}: {r.seconds:7.2f} s "
+                  f"cpu {cpu:>5} s  peak {rss:>7}  other load {other} CPUs  {status}",
+                  file=sys.stderr, flush=True)
+            if not r.ok:
+                print("    " + r.stderr_tail.strip().replace("\n", "\n    "), file=sys.stderr)
+            elif tool not in case.counts:
+                tree = dest if tool == "tar" else dest / "rootfs"
+                case.counts[tool] = count_files(tree)
+            remove_tree(dest)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_time(runs: list[RunResult]) -> str:
+    if not runs:
+        return "FAIL"
+    secs = [r.seconds for r in runs]
+    return f"{median(secs):.2f} ({min(secs):.2f})"
+
+
+def peak_mb(runs: list[RunResult]) -> float | None:
+    vals = [r.maxrss_kb for r in runs if r.maxrss_kb is not None]
+    return max(vals) * 1024 / 1e6 if vals else None
+
+
+def ratio_cell(case: Case, other: str, target: float) -> str:
+    if other not in case.tools:
+        return "n/a" if other not in case.wanted else "not run"
+    if "lamina" not in case.tools:
+        return "not run"
+    a, b = case.ok_runs("lamina"), case.ok_runs(other)
+    if not a or not b:
+        return "FAIL"
+    q = median([r.seconds for r in a]) / median([r.seconds for r in b])
+    return f"{q:.2f} {'PASS' if q <= target else 'MISS'}"
+
+
+def table_rows(cases: Sequence[Case]) -> list[list[str]]:
+    rows = []
+    for c in cases:
+        files = next((f"{c.counts[t][0]:,}" + ("" if t == "lamina" else f" ({t})")
+                      for t in ("lamina", "umoci", "tar") if t in c.counts), "?")
+        comp = sum(la.size for la in c.layers) / 1e6
+        cells = [c.label, str(len(c.layers)), files, f"{comp:.1f} MB"]
+        for tool in TOOLS:
+            cells.append(fmt_time(c.ok_runs(tool)) if tool in c.tools
+                         else "n/a" if tool not in c.wanted else "not run")
+        if c.tar_errors:
+            cells[-1] += " *"
+        cells.append(ratio_cell(c, "umoci", TARGET_UMOCI))
+        cells.append(ratio_cell(c, "tar", TARGET_TAR))
+        for tool in ("lamina", "umoci"):
+            mb = peak_mb(c.ok_runs(tool)) if tool in c.tools else None
+            if tool not in c.tools:
+                cells.append("n/a" if tool not in c.wanted else "not run")
+            elif mb is None:
+                cells.append("?")
+            elif tool == "lamina":
+                cells.append(f"{mb:.0f} {'PASS' if mb < TARGET_RSS_MB else 'MISS'}")
+            else:
+                cells.append(f"{mb:.0f}")
+        rows.append(cells)
+    return rows
+
+
+def notes(cases: Sequence[Case], repeat: int) -> list[str]:
+    out = []
+    for c in cases:
+        got = {t: n for t, (n, _) in c.counts.items()}
+        if "lamina" in got and "umoci" in got and got["lamina"] != got["umoci"]:
+            out.append(f"{c.label}: lamina produced {got['lamina']:,} regular files, "
+                       f"umoci {got['umoci']:,}.")
+        if "lamina" in got and "tar" in got and got["lamina"] != got["tar"]:
+            out.append(f"{c.label}: raw tar extraction leaves {got['tar']:,} regular files "
+                       f"(whiteouts not applied, `.wh.*` markers kept) vs lamina's "
+                       f"{got['lamina']:,}.")
+        if c.tar_errors:
+            errs = "; ".join(f"`{e[:150]}`" for e in c.tar_errors[:3])
+            out.append(f"{c.label}: tar (marked *) exits with status 2 after extracting "
+                       f"everything: {errs} (a file replaces a directory of a lower layer; "
+                       "only whiteout handling would allow that).")
+        for tool in c.tools:
+            bad = [r for r in c.runs.get(tool, []) if not r.ok]
+            if bad:
+                last = bad[-1].stderr_tail.strip().splitlines()
+                msg = last[-1] if last else ""
+                out.append(f"{c.label}: {tool} failed {len(bad)}/{repeat} runs "
+                           f"(rc {bad[-1].rc}): `{msg[:200]}`")
+    return out
+
+
+def raw_runs(cases: Sequence[Case]) -> str:
+    def num(x: float | None, fmt: str) -> str:
+        return "?" if x is None else format(x, fmt)
+
+    lines = []
+    for c in cases:
+        for tool in c.tools:
+            rs = c.runs[tool]
+            secs = ", ".join(f"{r.seconds:.2f}" if r.ok else "fail" for r in rs)
+            cpu = ", ".join(num(r.cpu_seconds, ".1f") for r in rs)
+            rss = ", ".join(num(r.maxrss_kb / 1000 if r.maxrss_kb else None, ".0f") for r in rs)
+            other = ", ".join(num(r.other_cpu, ".2f") for r in rs)
+            lines.append(f"- {c.label} / {tool}: wall {secs} s; cpu {cpu} s; peak RSS {rss} MB; "
+                         f"other load {other} CPUs")
+    return "\n".join(lines)
+
+
+def load_note(cases: Sequence[Case]) -> str:
+    """How busy the machine was with other work during the timed runs."""
+    vals = [r.other_cpu for c in cases for rs in c.runs.values() for r in rs
+            if r.other_cpu is not None]
+    if not vals:
+        return ""
+    mean, worst = sum(vals) / len(vals), max(vals)
+    ncpu = len(os.sched_getaffinity(0))
+    text = (f"Other load during the timed runs (CPU time of everything but the measured "
+            f"command, from /proc/stat, incl. kernel writeback threads): mean {mean:.2f}, "
+            f"max {worst:.2f} of {ncpu} CPUs.")
+    if mean > 0.25 or worst > 0.75:
+        text += (" **The machine was not idle: timings are noisy; compare the min column "
+                 "and rerun on a quiet machine.**")
+    return text
+
+
+def render(cases: Sequence[Case], *, corpus: Path, workdir: Path, repeat: int,
+           lamina: list[str], rootless: bool, argv: Sequence[str], drop: bool) -> str:
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = ["tag", "layers", "files", "compressed", "lamina s", "umoci s", "tar s",
+              "lamina/umoci", "lamina/tar", "lamina peak RSS MB", "umoci peak RSS MB"]
+    right = [False, True, True, True, True, True, True, True, True, True, True]
+    versions = (f"lamina {tool_version([*lamina, '--version']).removeprefix('lamina ')}, "
+                f"{tool_version(['umoci', '--version'])}, {tool_version(['tar', '--version'])}")
+    rerun = shlex.join(["python", "bench/unpack.py", *argv])
+    extra = list(notes(cases, repeat))
+    lines = [
+        "## Unpack: lamina vs umoci vs GNU tar",
+        "",
+        f"{now}; {machine_line()}; work dir {workdir} on {fs_type(workdir)}; "
+        f"corpus {corpus}. Tools: {versions}.",
+        "",
+        f"Targets: lamina <= {TARGET_UMOCI}x umoci, <= {TARGET_TAR}x GNU tar (wall time, "
+        f"medians), peak RSS < {TARGET_RSS_MB:.0f} MB.",
+        "",
+        md_table(header, table_rows(cases), right),
+        "",
+        f"- Times are wall seconds, median (min) of {repeat} runs per tool; the tools run "
+        "interleaved (lamina, umoci, tar, lamina, ...) in one process, each run into a "
+        "fresh directory on the same filesystem, removed outside the timing; `sync` "
+        "before every timed run; blobs pre-read into the page cache.",
+        "- Before every run the clean page cache is dropped (`sync; echo 1 > "
+        "/proc/sys/vm/drop_caches`) and the blobs re-read: on ext4 without a journal, "
+        "creating inodes probes every inode deleted in the last 60 s whose inode-table "
+        "block is cached (`recently_deleted()`), so removing the previous run's tree made "
+        "the next run several times slower (system time), for every tool."
+        if drop else
+        "- The page cache was **not** dropped between runs (not root, or --no-drop-caches): "
+        "on ext4 without a journal the deletion of the previous run's tree slows down "
+        "inode creation in the next run (`recently_deleted()`), for every tool.",
+        "- lamina: `lamina unpack --quiet --image OCI:TAG BUNDLE` (rootfs, config.json, "
+        "lamina.json, lamina.snapshot); umoci: `umoci unpack --image OCI:TAG BUNDLE` "
+        "(rootfs, config.json, mtree manifest).",
+        "- tar: raw extraction, `tar -xzf BLOB -C DIR` (`tar --zstd -xf` for zstd) per "
+        "layer in order in one `sh -c` (a failing layer does not stop the next); **tar does "
+        "not apply whiteouts** and writes no config, so it does less work than a real unpack.",
+        "- py (zstd) is the same image with zstd layers (`oci-zstd:py`); umoci 0.4.7 "
+        "cannot read zstd layers (n/a).",
+        f"- files: regular files in lamina's rootfs. Peak RSS: largest max-RSS of the "
+        f"command and its children, over all runs ({rss_method()}); MB = 10^6 bytes.",
+        *[f"- {n}" for n in extra],
+        f"- {load_note(cases)}" if load_note(cases) else "",
+        "" if not rootless else "- Run as non-root: lamina and umoci with `--rootless`.",
+        "",
+        "<details><summary>per-run numbers</summary>",
+        "",
+        raw_runs(cases),
+        "",
+        "</details>",
+        "",
+        f"Rerun: `{rerun}` (from the repo root, with the venv's python).",
+    ]
+    return "\n".join(ln for i, ln in enumerate(lines)
+                     if not (ln == "" and i > 0 and lines[i - 1] == ""))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--corpus", help="corpus dir (default: $LAMINA_CORPUS or "
+                   "/var/tmp/lamina-corpus)")
+    p.add_argument("--tags", default="base,py,app,many",
+                   help="comma-separated tags of CORPUS/oci (default: %(default)s)")
+    p.add_argument("--zstd-tags", default="py",
+                   help="tags of CORPUS/oci-zstd, lamina vs tar only; '' to skip "
+                   "(default: %(default)s)")
+    p.add_argument("--tools", default=",".join(TOOLS),
+                   help="subset of %(default)s (e.g. umoci,tar while lamina is broken)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per tool and tag (default 3)")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
+                   help="markdown file whose unpack section is rewritten ('' = print only)")
+    p.add_argument("--workdir", default="/var/tmp/lamina-bench",
+                   help="where bundles are unpacked (default: %(default)s)")
+    p.add_argument("--lamina", help="lamina command (default: the console script next to "
+                   "this python, else 'python -m lamina')")
+    p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
+                   help="do not drop the clean page cache before each run (it is dropped "
+                   "by default when writable: see the notes in the output)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    a = p.parse_args(argv)
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
+    bad = set(a.tools.split(",")) - set(TOOLS)
+    if bad:
+        p.error(f"unknown tools: {', '.join(sorted(bad))}")
+    return a
+
+
+def build_cases(corpus: Path, args: argparse.Namespace) -> list[Case]:
+    tools = tuple(t for t in TOOLS if t in args.tools.split(","))
+    wanted: list[tuple[str, str, str, tuple[str, ...]]] = [
+        ("oci", t, t, TOOLS) for t in args.tags.split(",") if t]
+    if args.zstd_tags and (corpus / "oci-zstd" / "index.json").is_file():
+        # umoci 0.4.7 cannot read zstd layers
+        wanted += [("oci-zstd", t, f"{t} (zstd)", ("lamina", "tar"))
+                   for t in args.zstd_tags.split(",") if t]
+    elif args.zstd_tags:
+        print(f"warning: {corpus}/oci-zstd missing, zstd rows skipped", file=sys.stderr)
+    cases = []
+    for sub, tag, label, applies in wanted:
+        layout = corpus / sub
+        if tag not in layout_tags(layout):
+            print(f"warning: {layout} has no tag {tag!r}, skipped", file=sys.stderr)
+            continue
+        ts = tuple(t for t in applies if t in tools)
+        cases.append(Case(label, layout, tag, resolve_layers(layout, tag), ts, applies))
+    return cases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    corpus = find_corpus(args.corpus)
+    cases = build_cases(corpus, args)
+    if not cases:
+        print("error: nothing to benchmark", file=sys.stderr)
+        return 2
+    tools = {t for c in cases for t in c.tools}
+    if "umoci" in tools and shutil.which("umoci") is None:
+        print("error: umoci not found (apt-get install umoci, or --tools lamina,tar)",
+              file=sys.stderr)
+        return 2
+    lamina = lamina_cmd(args.lamina)
+    rootless = os.geteuid() != 0
+    drop = args.drop_caches and can_drop_caches()
+    workdir = Path(args.workdir).resolve()
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="unpack-", dir=workdir))
+    print(f"unpack benchmark: {len(cases)} images x {len(tools)} tools x {args.repeat} runs, "
+          f"work dir {root} ({fs_type(root)})", file=sys.stderr)
+    try:
+        for c in cases:
+            run_case(c, root, args.repeat, lamina, rootless, args.timeout, drop)
+    finally:
+        remove_tree(root)
+        if created:
+            try:
+                workdir.rmdir()
+            except OSError:
+                pass
+    body = render(cases, corpus=corpus, workdir=workdir, repeat=args.repeat, lamina=lamina,
+                  rootless=rootless, argv=argv, drop=drop)
+    print(body)
+    if args.out:
+        out = Path(args.out)
+        replace_section(out, SECTION, body)
+        print(f"\nwrote section '{SECTION}' of {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
