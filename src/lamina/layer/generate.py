@@ -61,7 +61,7 @@ class _Sink:
 
 def _compressor(kind: str, sink: _Sink) -> Any:
     if kind == "gzip":
-        return igzip_threaded.open(sink, "wb", compresslevel=2, threads=2)  # type: ignore[no-untyped-call]
+        return igzip_threaded.open(sink, "wb", compresslevel=3, threads=2)  # type: ignore[no-untyped-call]
     if kind == "zstd":
         return zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(
             sink, closefd=False)  # type: ignore[arg-type]
