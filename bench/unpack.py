@@ -144,7 +144,7 @@ def run_case(case: Case, root: Path, repeat: int, lamina: list[str], rootless: b
                                    if ln.startswith("tar: ") and TAR_DONE not in ln]
                 r.rc = 0
             case.runs[tool].append(r)
-            rss = f"{r.maxrss_kb / 1000:.0f} MB" if r.maxrss_kb is not None else "?"
+            rss = f"{r.maxrss_kb * 1024 / 1e6:.0f} MB" if r.maxrss_kb is not None else "?"
             status = "ok" if r.ok else f"FAILED rc={r.rc}"
             if tool == "tar" and case.tar_errors:
                 status += " (tar reported errors, see notes)"
@@ -252,7 +252,8 @@ def raw_runs(cases: Sequence[Case]) -> str:
             rs = c.runs[tool]
             secs = ", ".join(f"{r.seconds:.2f}" if r.ok else "fail" for r in rs)
             cpu = ", ".join(num(r.cpu_seconds, ".1f") for r in rs)
-            rss = ", ".join(num(r.maxrss_kb / 1000 if r.maxrss_kb else None, ".0f") for r in rs)
+            rss = ", ".join(num(r.maxrss_kb * 1024 / 1e6 if r.maxrss_kb else None, ".0f")
+                            for r in rs)
             other = ", ".join(num(r.other_cpu, ".2f") for r in rs)
             lines.append(f"- {c.label} / {tool}: wall {secs} s; cpu {cpu} s; peak RSS {rss} MB; "
                          f"other load {other} CPUs")
