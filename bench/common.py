@@ -389,3 +389,9 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]],
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def join_markdown(lines: list[str]) -> str:
+    """Join report lines, collapsing runs of blank lines (optional notes leave gaps)."""
+    return "\n".join(ln for i, ln in enumerate(lines)
+                     if not (ln == "" and i > 0 and lines[i - 1] == ""))

@@ -35,6 +35,7 @@ from common import (
     drop_clean_caches,
     find_corpus,
     fs_type,
+    join_markdown,
     layout_tags,
     machine_line,
     md_table,
@@ -333,8 +334,7 @@ def render(cases: Sequence[Case], *, corpus: Path, workdir: Path, repeat: int,
         "",
         f"Rerun: `{rerun}` (from the repo root, with the venv's python).",
     ]
-    return "\n".join(ln for i, ln in enumerate(lines)
-                     if not (ln == "" and i > 0 and lines[i - 1] == ""))
+    return join_markdown(lines)
 
 
 # --------------------------------------------------------------------------- main
