@@ -21,6 +21,7 @@ code  class                   meaning
 8     BundleError             target bundle exists or cannot be written
 9     UnsupportedError        media type / tar feature lamina does not handle
 10    EnvironmentError_       the host lacks a privilege or kernel feature
+11    RegistryError           a registry refused, failed or could not be reached
 ====  ======================  ==============================================
 """
 
@@ -86,3 +87,8 @@ class UnsupportedError(LaminaError):
 class EnvironmentError_(LaminaError):
     code = 10
     kind = "environment"
+
+
+class RegistryError(LaminaError):
+    code = 11
+    kind = "registry"
