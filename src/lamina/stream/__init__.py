@@ -1,0 +1,1 @@
+"""Layer streams: splitdirfdstream (tar metadata + references to files on disk)."""
