@@ -19,6 +19,7 @@ from rich.progress import (
 
 from lamina.bundle import Progress as ProgressHooks
 from lamina.errors import LaminaError
+from lamina.registry.progress import TransferProgress
 
 
 class UI:
@@ -59,6 +60,12 @@ class UI:
         if self.quiet or not self.err.is_terminal:
             return _Quiet(self)
         return _Bar(self, label)
+
+    def transfer(self, label: str) -> TransferProgress:
+        """Progress of a pull or push: a total bar and one bar per blob in flight."""
+        if self.quiet or not self.err.is_terminal:
+            return _QuietTransfer(self)
+        return _TransferBar(self, label)
 
 
 def _esc(text: str) -> str:
@@ -104,4 +111,56 @@ class _Bar(ProgressHooks):
         self.p.console.print(f"[yellow]warning:[/] {_esc(message)}")
 
     def __del__(self) -> None:
+        self.p.stop()
+
+
+class _QuietTransfer(TransferProgress):
+    def __init__(self, ui: UI) -> None:
+        self.ui = ui
+
+    def warn(self, message: str) -> None:
+        self.ui.warn(message)
+
+
+class _TransferBar(TransferProgress):
+    """Called from the transfer threads; rich's Progress takes its own lock."""
+
+    def __init__(self, ui: UI, label: str) -> None:
+        self.label = label
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), TimeRemainingColumn(), console=ui.err,
+                          transient=True)
+        self.total: TaskID | None = None
+        self.tasks: dict[str, TaskID] = {}
+        self.blobs = 0
+        self.done = 0
+
+    def start(self, total_bytes: int, blobs: int) -> None:
+        self.blobs = blobs
+        if blobs:
+            self.p.start()
+            self.total = self.p.add_task(f"{self.label} 0/{blobs} blobs", total=total_bytes)
+
+    def blob_start(self, digest: str, size: int) -> None:
+        self.tasks[digest] = self.p.add_task(f"  {digest[7:19]}", total=size)
+
+    def advance(self, digest: str, nbytes: int) -> None:
+        task = self.tasks.get(digest)
+        if task is not None:
+            self.p.advance(task, nbytes)
+        if self.total is not None:
+            self.p.advance(self.total, nbytes)
+
+    def blob_done(self, digest: str) -> None:
+        self.done += 1
+        task = self.tasks.pop(digest, None)
+        if task is not None:
+            self.p.remove_task(task)
+        if self.total is not None:
+            self.p.update(self.total, description=f"{self.label} {self.done}/{self.blobs} blobs")
+
+    def warn(self, message: str) -> None:
+        self.p.console.print(f"[yellow]warning:[/] {_esc(message)}")
+
+    def finish(self) -> None:
         self.p.stop()

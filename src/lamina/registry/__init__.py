@@ -1,0 +1,41 @@
+"""Registry client: pull images into a blob sink, push them from a layout, and read
+remote blob ranges (OCI distribution spec).
+
+Public API::
+
+    RegistryRef.parse("127.0.0.1:5000/app:1.0")
+    pull(PullOptions(ref, tag="1.0"), LayoutSink.init("oci"), progress) -> PullResult
+    push(PushOptions(ImageRef.parse("oci:1.0"), ref), progress) -> PushResult
+    RemoteBlobSource(ref, RegistryOptions()).read_range(digest, start, length)
+
+:class:`BlobSink` is the seam for other destinations (the store).
+"""
+
+from __future__ import annotations
+
+from lamina.registry.auth import Credentials
+from lamina.registry.client import RegistryClient, RegistryOptions
+from lamina.registry.progress import TransferProgress
+from lamina.registry.pull import PullOptions, PullResult, pull
+from lamina.registry.push import PushOptions, PushResult, push
+from lamina.registry.reference import RegistryRef
+from lamina.registry.remote import RemoteBlobSource
+from lamina.registry.sink import BlobSink, LayoutSink, PartialBlob
+
+__all__ = [
+    "BlobSink",
+    "Credentials",
+    "LayoutSink",
+    "PartialBlob",
+    "PullOptions",
+    "PullResult",
+    "PushOptions",
+    "PushResult",
+    "RegistryClient",
+    "RegistryOptions",
+    "RegistryRef",
+    "RemoteBlobSource",
+    "TransferProgress",
+    "pull",
+    "push",
+]

@@ -1,0 +1,159 @@
+"""Where pulled blobs go: the :class:`BlobSink` seam, and its OCI-layout adapter.
+
+A pull asks the sink whether it already has a blob (``has_blob``: the
+try-skip), streams missing blobs into a :class:`PartialBlob` and commits it
+only after the pull has verified size and digest.  A partial blob survives an
+interrupted pull, so the next pull resumes it with an HTTP range request;
+until it is committed it is invisible to readers of the sink.  The store
+implements the same protocol to pull straight into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Protocol
+
+from lamina.oci.layout import OCILayout
+from lamina.oci.model import Descriptor
+
+PARTIAL_PREFIX = ".tmp-partial-"  # .tmp-*: 'lamina gc' reclaims them once stale
+
+
+class PartialBlob(Protocol):
+    """A blob being downloaded; *offset* bytes of it are already stored."""
+
+    offset: int
+
+    def read_back(self) -> Iterator[bytes]:
+        """The stored bytes, so that a resumed download can hash them again."""
+        ...
+
+    def truncate(self) -> None:
+        """Forget the stored bytes (the server ignored the range, or they are bad)."""
+        ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self) -> None:
+        """Make the (verified) blob visible under its digest, atomically."""
+        ...
+
+    def close(self) -> None:
+        """Stop writing; keep what was stored for a later resume (no-op after commit)."""
+        ...
+
+
+class BlobSink(Protocol):
+    """What a pull writes into (an OCI layout today, the store later)."""
+
+    def has_blob(self, digest: str) -> bool: ...
+
+    def open_partial(self, digest: str) -> PartialBlob: ...
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        """Store a small blob whose digest the caller has verified (a manifest)."""
+        ...
+
+    def set_tag(self, tag: str, desc: Descriptor) -> None: ...
+
+
+class LayoutSink:
+    """:class:`BlobSink` over an :class:`OCILayout` (created if missing).
+
+    Partial downloads live in ``blobs/sha256/.tmp-partial-HEX``, locked with
+    ``flock`` while written: a second pull of the same blob at the same time
+    downloads into a private temporary file instead of sharing it.
+    """
+
+    def __init__(self, layout: OCILayout) -> None:
+        self.layout = layout
+
+    @classmethod
+    def init(cls, path: str) -> LayoutSink:
+        if os.path.exists(os.path.join(path, "oci-layout")):
+            return cls(OCILayout.open(path))
+        return cls(OCILayout.init(path))
+
+    def has_blob(self, digest: str) -> bool:
+        return self.layout.has_blob(digest)
+
+    def open_partial(self, digest: str) -> _LayoutPartial:
+        return _LayoutPartial(self.layout, digest)
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        # the layout hashes the bytes again and names the blob by that digest
+        self.layout.put_blob(data, "application/octet-stream")
+
+    def set_tag(self, tag: str, desc: Descriptor) -> None:
+        self.layout.set_ref(tag, desc)
+
+    def partials(self) -> list[str]:
+        """Names of the partial downloads present (for tests and ``--json``)."""
+        try:
+            return sorted(n for n in os.listdir(self.layout.blob_dir)
+                          if n.startswith(PARTIAL_PREFIX))
+        except FileNotFoundError:
+            return []
+
+
+class _LayoutPartial:
+    def __init__(self, layout: OCILayout, digest: str) -> None:
+        os.makedirs(layout.blob_dir, exist_ok=True)
+        self._dest = layout.blob_path(digest)
+        self._path = os.path.join(layout.blob_dir, PARTIAL_PREFIX + digest.split(":", 1)[1])
+        self._done = False
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # another pull is downloading this blob: use a private file, no resume
+            os.close(fd)
+            fd, self._path = tempfile.mkstemp(prefix=".tmp-", dir=layout.blob_dir)
+        self.file: IO[bytes] = os.fdopen(fd, "r+b")
+        self.offset = self.file.seek(0, os.SEEK_END)
+
+    def read_back(self) -> Iterator[bytes]:
+        self.file.seek(0)
+        left = self.offset
+        while left > 0:
+            chunk = self.file.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+            yield chunk
+        self.file.seek(self.offset)
+
+    def truncate(self) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.offset += len(data)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        os.chmod(self._path, 0o644)
+        os.rename(self._path, self._dest)
+        self._done = True
+        self.file.close()
+
+    def close(self) -> None:
+        if not self._done:
+            with contextlib.suppress(OSError):
+                self.file.flush()
+            self.file.close()
+            if os.path.basename(self._path).startswith(PARTIAL_PREFIX):
+                if self.offset == 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._path)
+            else:  # a private file cannot be resumed
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path)
+            self._done = True
