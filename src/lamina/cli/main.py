@@ -22,6 +22,7 @@ from lamina.cli import new as new_cmd
 from lamina.cli import pull as pull_cmd
 from lamina.cli import push as push_cmd
 from lamina.cli import repack as repack_cmd
+from lamina.cli import serve as serve_cmd
 from lamina.cli import stat as stat_cmd
 from lamina.cli import tag as tag_cmd
 from lamina.cli import unpack as unpack_cmd
@@ -29,7 +30,7 @@ from lamina.cli.ui import UI
 from lamina.errors import LaminaError, UsageError
 
 COMMANDS = [unpack_cmd, repack_cmd, new_cmd, config_cmd, insert_cmd, tag_cmd, ls_cmd,
-            stat_cmd, gc_cmd, pull_cmd, push_cmd]
+            stat_cmd, gc_cmd, pull_cmd, push_cmd, serve_cmd]
 
 
 class _Parser(argparse.ArgumentParser):
