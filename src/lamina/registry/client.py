@@ -181,10 +181,7 @@ class RegistryClient:
         if not realm:
             raise RegistryError(f"{what}: the registry's Bearer challenge has no realm",
                                 hint="the registry's token auth is misconfigured")
-        scopes = list(self.scopes)
-        for s in params.get("scope", "").split(" "):
-            if s and s not in scopes:
-                scopes.append(s)
+        scopes = merge_scopes([*self.scopes, *params.get("scope", "").split(" ")])
         query: list[tuple[str, str | int | float | bool | None]] = []
         if params.get("service"):
             query.append(("service", params["service"]))
@@ -373,6 +370,24 @@ class RegistryClient:
                             headers={"Content-Length": "0"})
         with contextlib.closing(resp):
             self.check(resp, what, ok=(201, 204))
+
+
+def merge_scopes(scopes: Iterable[str]) -> list[str]:
+    """One ``type:name:actions`` per resource, actions united, first-seen order."""
+    actions: dict[tuple[str, str], list[str]] = {}
+    other: list[str] = []
+    for s in scopes:
+        if not s:
+            continue
+        typ, sep, rest = s.partition(":")
+        name, sep2, acts = rest.rpartition(":")
+        if not (sep and sep2 and name):
+            if s not in other:
+                other.append(s)
+            continue
+        have = actions.setdefault((typ, name), [])
+        have += [a for a in acts.split(",") if a and a not in have]
+    return [f"{t}:{n}:{','.join(a)}" for (t, n), a in actions.items()] + other
 
 
 def _const(data: bytes) -> Callable[[], bytes]:
