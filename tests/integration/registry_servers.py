@@ -62,7 +62,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def self_signed(key: rsa.RSAPrivateKey, cn: str, *, ca: bool) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now - dt.timedelta(hours=1))
@@ -77,7 +77,7 @@ def make_tls(d: Path) -> TLSFiles:
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca = self_signed(ca_key, "lamina test CA", ca=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(hours=1))

@@ -237,7 +237,7 @@ def test_index_platforms(registry: Registry, tmp_path: Path) -> None:
     src = tmp_path / "src"
     other = _other_platform()
     a, b = layers_fixture()
-    idx = build_index_image(str(src), "multi", [(None if False else Platform.host(), [a]),
+    idx = build_index_image(str(src), "multi", [(Platform.host(), [a]),
                                                 (other, [a, b])])
     ref = f"{registry.host}/idx/app:multi"
     pushed = lamina_ok("push", "--insecure", "--layout", f"{src}:multi", ref)
@@ -342,6 +342,7 @@ def test_basic_auth_over_tls(tmp_path: Path, image: Path) -> None:
         # plain http to a TLS port
         err = lamina_fails(11, "pull", "--insecure", "--creds", "alice:s3cret:pw", ref,
                            "--layout", str(tmp_path / "x"))
+        assert "speaks https" in err["message"] and "drop --insecure" in err["hint"]
         # credentials from an auth file, and from the environment
         af = auth_json(tmp_path / "auth.json", reg.host, "alice", "s3cret:pw")
         res = lamina_ok("pull", *ca, "--authfile", str(af), ref, "--layout",
@@ -405,6 +406,7 @@ def test_connection_errors(registry: Registry, tmp_path: Path) -> None:
     assert "--force-insecure" in err["hint"]
     err = lamina_fails(2, "pull", "--insecure", "127.0.0.1:1/Bad/Name", "--layout",
                        str(tmp_path / "l"))
+    assert "bad repository name" in err["message"]
 
 
 # -- failures ---------------------------------------------------------------------------

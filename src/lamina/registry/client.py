@@ -411,11 +411,18 @@ def read_limited(resp: httpx.Response, limit: int, what: str, registry: str) -> 
     return bytes(buf)
 
 
+def _body(resp: httpx.Response) -> bytes:
+    try:
+        return resp.content[:65536]
+    except (httpx.HTTPError, RuntimeError):  # a streamed body that was not read
+        return b""
+
+
 def _registry_errors(resp: httpx.Response) -> str:
     """The registry's JSON error codes and messages, if it sent some."""
     try:
-        doc = json.loads(resp.content[:65536])
-    except (ValueError, httpx.HTTPError, RuntimeError):
+        doc = json.loads(_body(resp))
+    except ValueError:
         return ""
     errs = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(errs, list):
@@ -433,6 +440,10 @@ def status_error(resp: httpx.Response, registry: str, what: str,
     code = resp.status_code
     detail = _registry_errors(resp)
     said = f" ({detail})" if detail else ""
+    if code == 400 and b"HTTPS server" in _body(resp):
+        return RegistryError(f"{what}: {registry} speaks https, not plain http (HTTP 400)",
+                             hint="drop --insecure; pass --ca-cert FILE if a private CA "
+                                  "signed its certificate")
     if code == 401:
         return RegistryError(
             f"{what}: authentication required (HTTP 401){said}",
