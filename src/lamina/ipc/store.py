@@ -370,7 +370,11 @@ class StoreService:
 
         def produce() -> None:
             try:
-                digest = src.write_to(writer)   # type: ignore[arg-type]
+                try:
+                    digest = src.write_to(writer)   # type: ignore[arg-type]
+                except BrokenPipeError:
+                    raise CorruptLayerError("layer stream aborted: the reader closed the pipe",
+                                            hint="read the stream to its end") from None
             except BaseException as e:
                 if not isinstance(e, (LaminaError, OSError)):
                     log.exception("GetLayer %s failed", diff_id)
