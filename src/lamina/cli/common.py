@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lamina.store import Store
 
 
 def image_args(p: argparse.ArgumentParser, *, new_tag: bool = False,
@@ -16,3 +20,17 @@ def image_args(p: argparse.ArgumentParser, *, new_tag: bool = False,
     if platform:
         p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                        help="platform to pick when TAG is an image index (default: this machine)")
+
+
+def store_arg(p: argparse.ArgumentParser) -> None:
+    """``--store PATH``: the local store (default: :func:`default_store_path`)."""
+    from lamina.store import default_store_path
+    p.add_argument("--store", metavar="PATH",
+                   help=f"the local store (default: {default_store_path()}; as root "
+                        "/var/lib/lamina, else $XDG_DATA_HOME/lamina)")
+
+
+def open_store(path: str | None, *, create: bool = False) -> Store:
+    """Open the store a command's ``--store`` names (or the default one)."""
+    from lamina.store import Store
+    return Store.open(path, create=create)

@@ -15,7 +15,10 @@ from types import FrameType
 
 from lamina import __version__
 from lamina.cli import config as config_cmd
+from lamina.cli import fsck as fsck_cmd
 from lamina.cli import gc as gc_cmd
+from lamina.cli import images as images_cmd
+from lamina.cli import imports as import_cmd
 from lamina.cli import insert as insert_cmd
 from lamina.cli import ls as ls_cmd
 from lamina.cli import new as new_cmd
@@ -30,7 +33,7 @@ from lamina.cli.ui import UI
 from lamina.errors import LaminaError, UsageError
 
 COMMANDS = [unpack_cmd, repack_cmd, new_cmd, config_cmd, insert_cmd, tag_cmd, ls_cmd,
-            stat_cmd, gc_cmd, pull_cmd, push_cmd, serve_cmd]
+            stat_cmd, gc_cmd, pull_cmd, push_cmd, serve_cmd, import_cmd, images_cmd, fsck_cmd]
 
 
 class _Parser(argparse.ArgumentParser):
