@@ -5,14 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lamina.cli.registry_args import add_registry_args, registry_options
+from lamina.cli.registry_args import add_registry_args
 from lamina.cli.ui import UI
-from lamina.errors import UsageError
-from lamina.oci.layout import ImageRef
-from lamina.oci.model import Platform
-from lamina.registry.pull import PullOptions, pull
-from lamina.registry.reference import RegistryRef
-from lamina.registry.sink import LayoutSink
 
 
 def register(sub: Any) -> None:
@@ -34,6 +28,15 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, ui: UI) -> int:
+    # imported here: httpx is not needed by the other commands' start-up
+    from lamina.cli.registry_args import registry_options
+    from lamina.errors import UsageError
+    from lamina.oci.layout import ImageRef
+    from lamina.oci.model import Platform
+    from lamina.registry.pull import PullOptions, pull
+    from lamina.registry.reference import RegistryRef
+    from lamina.registry.sink import LayoutSink
+
     ref = RegistryRef.parse(args.ref)
     dest = ImageRef.parse(args.layout, default_tag="")
     tag = dest.tag or ref.tag

@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lamina.cli.registry_args import add_registry_args, registry_options
+from lamina.cli.registry_args import add_registry_args
 from lamina.cli.ui import UI
-from lamina.errors import UsageError
-from lamina.oci.layout import ImageRef
-from lamina.registry.push import PushOptions, push
-from lamina.registry.reference import RegistryRef
 
 MIB = 1 << 20
 
@@ -37,6 +33,13 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, ui: UI) -> int:
+    # imported here: httpx is not needed by the other commands' start-up
+    from lamina.cli.registry_args import registry_options
+    from lamina.errors import UsageError
+    from lamina.oci.layout import ImageRef
+    from lamina.registry.push import PushOptions, push
+    from lamina.registry.reference import RegistryRef
+
     ref = RegistryRef.parse(args.ref)
     if args.chunk_size is not None and args.chunk_size < 1:
         raise UsageError(f"--chunk-size {args.chunk_size}: must be at least 1 (MiB)")

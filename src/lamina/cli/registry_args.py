@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from lamina.errors import UsageError
-from lamina.registry.auth import Credentials
-from lamina.registry.client import RegistryOptions
+
+if TYPE_CHECKING:
+    from lamina.registry.client import RegistryOptions
 
 
 def add_registry_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +35,9 @@ def add_registry_args(p: argparse.ArgumentParser) -> None:
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
+    from lamina.registry.auth import Credentials
+    from lamina.registry.client import RegistryOptions
+
     if not 1 <= args.jobs <= 64:
         raise UsageError(f"--jobs {args.jobs}: expected 1 to 64")
     if args.timeout <= 0:

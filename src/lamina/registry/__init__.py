@@ -9,33 +9,47 @@ Public API::
     RemoteBlobSource(ref, RegistryOptions()).read_range(digest, start, length)
 
 :class:`BlobSink` is the seam for other destinations (the store).
+
+Names are imported on first use: every lamina command imports
+``lamina.registry.progress`` (through the CLI's UI), and httpx alone costs a
+tenth of a second of start-up.
 """
 
 from __future__ import annotations
 
-from lamina.registry.auth import Credentials
-from lamina.registry.client import RegistryClient, RegistryOptions
-from lamina.registry.progress import TransferProgress
-from lamina.registry.pull import PullOptions, PullResult, pull
-from lamina.registry.push import PushOptions, PushResult, push
-from lamina.registry.reference import RegistryRef
-from lamina.registry.remote import RemoteBlobSource
-from lamina.registry.sink import BlobSink, LayoutSink, PartialBlob
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lamina.registry.auth import Credentials
+    from lamina.registry.client import RegistryClient, RegistryOptions
+    from lamina.registry.progress import TransferProgress
+    from lamina.registry.pull import PullOptions, PullResult, pull
+    from lamina.registry.push import PushOptions, PushResult, push
+    from lamina.registry.reference import RegistryRef
+    from lamina.registry.remote import RemoteBlobSource
+    from lamina.registry.sink import BlobSink, LayoutSink, PartialBlob
+
+_WHERE = {
+    "Credentials": "auth",
+    "RegistryClient": "client", "RegistryOptions": "client",
+    "TransferProgress": "progress",
+    "PullOptions": "pull", "PullResult": "pull", "pull": "pull",
+    "PushOptions": "push", "PushResult": "push", "push": "push",
+    "RegistryRef": "reference",
+    "RemoteBlobSource": "remote",
+    "BlobSink": "sink", "LayoutSink": "sink", "PartialBlob": "sink",
+}
 
 __all__ = [
-    "BlobSink",
-    "Credentials",
-    "LayoutSink",
-    "PartialBlob",
-    "PullOptions",
-    "PullResult",
-    "PushOptions",
-    "PushResult",
-    "RegistryClient",
-    "RegistryOptions",
-    "RegistryRef",
-    "RemoteBlobSource",
-    "TransferProgress",
-    "pull",
-    "push",
+    "BlobSink", "Credentials", "LayoutSink", "PartialBlob", "PullOptions", "PullResult",
+    "PushOptions", "PushResult", "RegistryClient", "RegistryOptions", "RegistryRef",
+    "RemoteBlobSource", "TransferProgress", "pull", "push",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lamina.registry' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lamina.registry.{mod}"), name)
