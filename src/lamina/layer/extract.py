@@ -30,7 +30,12 @@ from dataclasses import dataclass
 from lamina.errors import CorruptLayerError, EnvironmentError_, UnsafeLayerError
 from lamina.layer import whiteout as wh
 from lamina.layer.idmap import ROOTLESS_XATTR, IdMapping, encode_rootless, map_id
-from lamina.layer.tarstream import TarEntry, TarReader
+from lamina.layer.tarstream import FastFn, TarEntry, TarReader
+
+try:  # compiled fast path for plain files (setup.py builds it when a compiler is there)
+    from lamina import _fastpath
+except ImportError:  # pragma: no cover - depends on the build
+    _fastpath = None  # type: ignore[assignment]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -55,6 +60,12 @@ class LayerStats:
     bytes: int = 0
     whiteouts: int = 0
     skipped: int = 0
+    fast: int = 0   # files made by the compiled fast path (also counted in files)
+
+
+def fastpath_enabled() -> bool:
+    """Whether the compiled fast path is built and not disabled by LAMINA_NO_FASTPATH=1."""
+    return _fastpath is not None and os.environ.get("LAMINA_NO_FASTPATH", "") in ("", "0")
 
 
 @dataclass
@@ -137,6 +148,8 @@ class RootfsWriter:
         self.root_fd = os.open(root, _DIR_FLAGS)
         # resolved parent components -> (fd, real components); invalidated on removals
         self._fds: dict[tuple[str, ...], tuple[int, tuple[str, ...]]] = {}
+        # the same cache keyed by joined archive path, for the fast path: 'a/b' -> (fd, real)
+        self._fast_dirs: dict[str, tuple[int, str]] = {"": (self.root_fd, "")}
         self._stale: list[int] = []   # dropped fds that a caller may still be using
         self.dir_meta: dict[str, tuple[int, int]] = {}   # real path -> (mode, mtime_ns)
         self.hashes: dict[str, bytes] = {}                # real path -> sha256 of content
@@ -166,6 +179,7 @@ class RootfsWriter:
         # closing now could pull an fd from under a caller; close between entries
         self._stale.extend(fd for fd, _ in self._fds.values())
         self._fds.clear()
+        self._fast_dirs = {"": (self.root_fd, "")}
 
     def _close_stale(self) -> None:
         for fd in self._stale:
@@ -188,7 +202,9 @@ class RootfsWriter:
         if len(self._fds) >= _FD_CACHE:
             old = next(iter(self._fds))
             self._stale.append(self._fds.pop(old)[0])
+            del self._fast_dirs[_join(old)]
         self._fds[comps] = (fd, real)
+        self._fast_dirs[_join(comps)] = (fd, _join(real))
         return fd, real
 
     def _resolve(self, comps: tuple[str, ...], create: bool,
@@ -311,6 +327,8 @@ class RootfsWriter:
         self._layer_paths = set()
         self._layer_ancestors = set()
         pending: list[_Pending] = []
+        if fastpath_enabled() and not (self.opts.uid_map or self.opts.gid_map):
+            reader.fast = self._fast_fn(stats)
         for entry in reader:
             if self._stale:
                 self._close_stale()
@@ -347,6 +365,29 @@ class RootfsWriter:
             got = self._dir_fd(p.parent, True, p.entry.name)
             assert got is not None
             self._hardlink(p.entry, got[0], p.name, _join((*got[1], p.name)), final=True)
+
+    def _fast_fn(self, stats: LayerStats) -> FastFn:
+        assert _fastpath is not None
+        extract = _fastpath.extract_files
+        rootless, euid, egid, umask = self.opts.rootless, self._euid, self._egid, self._umask
+        anc = self._layer_ancestors
+
+        def fast(buf: bytes, pos: int) -> tuple[int, int]:
+            pos, files, nbytes, parents, need = extract(
+                buf, pos, self._fast_dirs, self.hashes, self._layer_paths,
+                rootless, euid, egid, umask)
+            if files:
+                stats.entries += files
+                stats.files += files
+                stats.fast += files
+                stats.bytes += nbytes
+                for p in parents:   # what _mark does for each file's parent
+                    while p and p not in anc:
+                        anc.add(p)
+                        p = p.rpartition("/")[0]
+                anc.add("")
+            return pos, need
+        return fast
 
     def _mark(self, real: str) -> None:
         self._layer_paths.add(real)

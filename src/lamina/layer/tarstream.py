@@ -34,7 +34,10 @@ TYPE_NAMES = {REG: "file", AREG: "file", CONT: "file", LNK: "hardlink", SYM: "sy
               CHR: "char", BLK: "block", DIR: "dir", FIFO: "fifo"}
 
 ReadFn = Callable[[int], bytes]
+# buf, pos -> (new pos, bytes wanted in the buffer for the member at new pos, or 0)
+FastFn = Callable[[bytes, int], tuple[int, int]]
 _READ = 1 << 20
+_FAST_MAX = 4 << 20
 _HDR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
 _ZERO = bytes(BLOCK)
 
@@ -179,6 +182,9 @@ class TarReader:
         self._remaining = 0         # data bytes of the current member not yet read
         self._pad = 0               # padding after the current member's data
         self.end_offset = -1        # offset of the end-of-archive marker
+        # consumer's fast path: handles members in place in the buffer, before they
+        # are parsed here (see RootfsWriter); members it handles are never yielded
+        self.fast: FastFn | None = None
 
     def _fill(self) -> bool:
         chunk = self._read(_READ)
@@ -239,6 +245,16 @@ class TarReader:
                 return n
             n += len(data)
 
+    def _run_fast(self, fast: FastFn) -> None:
+        while True:
+            pos, need = fast(self._buf, self._pos)
+            self.offset += pos - self._pos
+            self._pos = pos
+            # a member cut by the end of the buffer: read on, unless it is big
+            # (then streaming it through read_data is cheaper than buffering it)
+            if not need or need > _FAST_MAX or not self._fill():
+                return
+
     def __iter__(self) -> Iterator[TarEntry]:
         pax: dict[str, bytes] = {}
         longname: bytes | None = None
@@ -248,6 +264,8 @@ class TarReader:
         while True:
             self._skip_rest()
             if not raw:
+                if self.fast is not None:
+                    self._run_fast(self.fast)
                 start = self.offset
             block = self._exact(BLOCK, "tar header")
             if block == _ZERO:

@@ -1,0 +1,3 @@
+def extract_files(buf: bytes, pos: int, dirs: dict[str, tuple[int, str]],
+                  hashes: dict[str, bytes], layer_paths: set[str], rootless: bool,
+                  euid: int, egid: int, umask: int, /) -> tuple[int, int, int, list[str], int]: ...
