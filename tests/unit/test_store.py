@@ -17,6 +17,7 @@ import pytest
 from lamina.errors import (
     CorruptLayerError,
     DigestMismatchError,
+    EnvironmentError_,
     NotFoundError,
     UnsupportedError,
     UsageError,
@@ -124,6 +125,15 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(UnsupportedError, match="schema version 99"):
         Store.open(str(p), options=OPTS)
+
+
+def test_damaged_index_is_a_clear_error(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    p.mkdir()
+    (p / "lamina.db").write_bytes(b"this is not an SQLite database" * 200)
+    with pytest.raises(EnvironmentError_, match="not a database") as e:
+        Store.open(str(p), options=OPTS)
+    assert e.value.hint and "damaged" in e.value.hint
 
 
 # -- tar-split round trips ------------------------------------------------------------------

@@ -32,7 +32,7 @@ Default location: ``/var/lib/lamina`` as root, else ``$XDG_DATA_HOME/lamina``
         └── <pid>-<random>/             per-process staging, flock-held while alive
 
 Invariants: a file becomes visible under its final name only when complete
-(``O_TMPFILE``/staging + ``link``/``rename``); a database row is committed
+(written in staging, then linked or renamed); a database row is committed
 only after the files it names are in place (and, with ``fsync``, after one
 ``syncfs``); removals delete rows first, then files.  So an interrupted
 process leaves only unreferenced files and staging, which the next open
@@ -49,14 +49,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, TypeVar, cast
 
 from lamina.bundle import Progress
 from lamina.errors import (
@@ -92,6 +94,30 @@ from lamina.stream.splitdirfdstream import (
 if TYPE_CHECKING:
     from lamina.store.fsck import FsckResult
     from lamina.store.gc import StoreGCResult
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _host_errors(fn: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
+    """Turn failures of the host (ENOSPC, EIO, EACCES, a damaged lamina.db) into a
+    LaminaError with a hint instead of a traceback."""
+    def wrapper(self: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(self, *args, **kwargs)
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise EnvironmentError_(
+                f"store {self.path}: {e.strerror or e}{where}",
+                hint="check free space, permissions and the store's filesystem") from None
+        except sqlite3.DatabaseError as e:
+            raise EnvironmentError_(
+                f"store index {self.db_path}: {e}",
+                hint="the index is damaged or unreadable; check the disk, restore it from a "
+                     "backup or start a new store") from None
+    functools.update_wrapper(wrapper, fn)
+    return wrapper
+
 
 DIRS = ("blobs/sha256", "objects", "layers", "extract", "tmp", "locks")
 BLOB_MODE = 0o444
@@ -251,6 +277,7 @@ class Store:
             raise
         return st
 
+    @_host_errors
     def _setup(self) -> None:
         if self.db.version() != SCHEMA_VERSION:
             with self.lock.exclusive():
@@ -344,6 +371,7 @@ class Store:
                                            "image again")
         return data
 
+    @_host_errors
     def put_blob(self, data: bytes, media_type: str) -> Descriptor:
         """Store a small blob (manifest, config) from memory."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -459,6 +487,7 @@ class Store:
         with work_lock(self._lock_path("layer", hex_of(diff_id))) as waited:
             yield waited
 
+    @_host_errors
     def ingest_layer(self, desc: Descriptor, diff_id: str, *,
                      source: Callable[[], BinaryIO] | None = None,
                      progress: Progress | None = None) -> IngestResult:
@@ -575,6 +604,7 @@ class Store:
                        stats.files, now))
         return stats
 
+    @_host_errors
     def export_layer(self, diff_id: str, out: IO[bytes]) -> str:
         """Write the exact layer tar (uncompressed) to *out*, rebuilt from the tar-split
         and the objects; raises if it does not hash to *diff_id*."""
@@ -598,6 +628,7 @@ class Store:
         return digest
 
     # -- images ---------------------------------------------------------------------------
+    @_host_errors
     def import_image(self, layout: OCILayout | str, tag: str, name: str | None = None, *,
                      platform: Platform | None = None,
                      progress: Progress | None = None) -> ImportResult:
@@ -703,6 +734,7 @@ class Store:
                                 hint=f"images: {known}")
         return str(rows[0][0])
 
+    @_host_errors
     def image(self, name: str) -> StoredImage:
         """The manifest, config and layers (with ChainIDs) of a stored image."""
         with self.session():
@@ -717,6 +749,7 @@ class Store:
                        for i, d in enumerate(manifest.layers))
         return StoredImage(parse_ref(name), manifest, cfg, layers)
 
+    @_host_errors
     def set_ref(self, name: str, manifest: str) -> None:
         ref = parse_ref(name)
         with self.session():
@@ -726,6 +759,7 @@ class Store:
                 c.execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?)",
                           (ref, manifest, time.time()))
 
+    @_host_errors
     def remove_ref(self, name: str) -> None:
         """Drop a ref; its content stays until ``gc``."""
         ref = parse_ref(name)
@@ -777,6 +811,7 @@ class Store:
                 syncfs(self._root_fd)
             self.record_extraction(driver, chain_id, final)
 
+    @_host_errors
     def record_extraction(self, driver: str, chain_id: str, path: str | None = None,
                           state: str = "ready", in_use: bool | None = None) -> None:
         """Record (or update) what a driver made for *chain_id*; *path* defaults to
@@ -791,6 +826,7 @@ class Store:
                 c.execute("INSERT OR REPLACE INTO extractions VALUES (?, ?, ?, ?, ?, ?)",
                           (check_driver(driver), chain_id, p, state, int(use), time.time()))
 
+    @_host_errors
     def set_in_use(self, driver: str, chain_id: str, in_use: bool) -> None:
         """Mark an extraction as a GC root (e.g. while mounted) or release it."""
         with self.session(), self.db.tx() as c:
@@ -798,6 +834,7 @@ class Store:
                          (int(in_use), driver, chain_id)).rowcount == 0:
                 raise NotFoundError(f"no {driver} extraction for {chain_id}")
 
+    @_host_errors
     def remove_extraction(self, driver: str, chain_id: str,
                           remove: Callable[[str], None] | None = None) -> None:
         """Forget an extraction and delete its directory (with *remove* if given)."""
@@ -830,12 +867,14 @@ class Store:
         return out
 
     # -- maintenance ------------------------------------------------------------------------
+    @_host_errors
     def gc(self, *, dry_run: bool = False,
            removers: dict[str, Callable[[str], None]] | None = None) -> StoreGCResult:
         """Remove everything no ref (or in-use extraction) reaches; see lamina.store.gc."""
         from lamina.store.gc import collect
         return collect(self, dry_run=dry_run, removers=removers or {})
 
+    @_host_errors
     def fsck(self, *, quick: bool = False, repair: bool = False) -> FsckResult:
         """Check the store; see lamina.store.fsck."""
         from lamina.store.fsck import check
