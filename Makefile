@@ -4,7 +4,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-APT_PKGS := umoci skopeo runc attr tar gzip zstd util-linux docker-registry btrfs-progs xfsprogs e2fsprogs
+APT_PKGS := gcc libssl-dev umoci skopeo runc attr tar gzip zstd util-linux docker-registry btrfs-progs xfsprogs e2fsprogs
 STAMP   := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit integration bench apt-deps clean
@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml setup.py src/lamina/_fastpath.c
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy
 
-test: $(STAMP) apt-deps lint
+test: apt-deps $(STAMP) lint
 	$(BIN)/pytest -q -ra tests
 
 unit: $(STAMP)
