@@ -235,6 +235,25 @@ def test_same_layer_other_compression_is_not_ingested_twice(tmp_path: Path,
     assert store.fsck().ok
 
 
+def test_import_blob_verifies_before_publishing(tmp_path: Path, store: Store) -> None:
+    tar = TarBuilder().add_file("f", b"blob").build()
+    build_image(str(tmp_path / "lay"), "t", [tar])
+    lay = OCILayout.open(str(tmp_path / "lay"))
+    desc = lay.resolve("t").layers[0]
+    assert store.import_blob(lay, desc).digest == desc.digest
+    assert Path(store.blob_path(desc.digest)).read_bytes() == \
+        Path(lay.blob_path(desc.digest)).read_bytes()
+    assert rows(store, "SELECT digest FROM blobs") == [(desc.digest,)]
+    cfg = lay.resolve("t").config
+    liar = type(cfg)(cfg.media_type, desc.digest.replace("sha256:", "sha256:0", 1)[:71],
+                     cfg.size)
+    os.link(lay.blob_path(cfg.digest), lay.blob_path(liar.digest))
+    with pytest.raises(DigestMismatchError):
+        store.import_blob(lay, liar)
+    assert not store.has_blob(liar.digest)
+    assert os.listdir(store._staging.path) == []
+
+
 def test_image_api_gives_layers_with_chain_ids(tmp_path: Path, store: Store) -> None:
     l1 = TarBuilder().add_file("a", b"1").build()
     l2 = TarBuilder().add_file("b", b"2").build()

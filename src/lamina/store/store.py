@@ -394,6 +394,25 @@ class Store:
                           (digest, media_type, len(data)))
         return Descriptor(media_type, digest, len(data))
 
+    @_host_errors
+    def import_blob(self, layout: OCILayout, desc: Descriptor) -> Descriptor:
+        """Copy one blob from a layout into the store (hardlinked if the current user
+        owns it, else reflinked or copied), verified against *desc* before it appears.
+        Like every blob, it stays only while a ref reaches it (``gc``)."""
+        with self.session():
+            if not self.has_blob(desc.digest):
+                staged = self._stage_blob(layout, desc)
+                try:
+                    self._verify_file(staged, desc)
+                except BaseException:
+                    os.unlink(staged, dir_fd=self._staging.fd)
+                    raise
+                self._link_blob(staged, desc.digest)
+            with self.db.tx() as c:
+                c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
+                          (desc.digest, desc.media_type, desc.size))
+        return Descriptor(desc.media_type, desc.digest, desc.size)
+
     def _link_blob(self, staged_name: str, digest: str) -> None:
         """Publish a staged file (relative to the staging dir) as blob *digest*."""
         try:
@@ -686,16 +705,7 @@ class Store:
             out.waited = waited
             if self._layer_ready(diff_id):
                 if not self.has_blob(desc.digest):  # same layer, other compression
-                    other = self._stage_blob(lay, desc)
-                    try:
-                        self._verify_file(other, desc)
-                    except BaseException:
-                        os.unlink(other, dir_fd=self._staging.fd)
-                        raise
-                    self._link_blob(other, desc.digest)
-                    with self.db.tx() as c:
-                        c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
-                                  (desc.digest, desc.media_type, desc.size))
+                    self.import_blob(lay, desc)
                 prog.advance(desc.size)
                 return out
             staged: str | None = None
