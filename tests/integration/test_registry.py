@@ -46,9 +46,9 @@ from lamina.registry import (
     RegistryOptions,
     RegistryRef,
     RemoteBlobSource,
-    pull,
-    push,
 )
+from lamina.registry.pull import pull
+from lamina.registry.push import push
 from lamina.registry.sink import PARTIAL_PREFIX
 from lamina.testing.images import build_image, build_index_image
 from lamina.testing.layers import TarBuilder

@@ -3,10 +3,17 @@ remote blob ranges (OCI distribution spec).
 
 Public API::
 
-    RegistryRef.parse("127.0.0.1:5000/app:1.0")
+    from lamina.registry import LayoutSink, PullOptions, PushOptions, RegistryRef
+    from lamina.registry.pull import pull
+    from lamina.registry.push import push
+
+    ref = RegistryRef.parse("127.0.0.1:5000/app:1.0")
     pull(PullOptions(ref, tag="1.0"), LayoutSink.init("oci"), progress) -> PullResult
     push(PushOptions(ImageRef.parse("oci:1.0"), ref), progress) -> PushResult
     RemoteBlobSource(ref, RegistryOptions()).read_range(digest, start, length)
+
+(``pull`` and ``push`` are functions of the submodules of the same names, which
+shadow them as attributes of this package.)
 
 :class:`BlobSink` is the seam for other destinations (the store).
 
@@ -24,8 +31,8 @@ if TYPE_CHECKING:
     from lamina.registry.auth import Credentials
     from lamina.registry.client import RegistryClient, RegistryOptions
     from lamina.registry.progress import TransferProgress
-    from lamina.registry.pull import PullOptions, PullResult, pull
-    from lamina.registry.push import PushOptions, PushResult, push
+    from lamina.registry.pull import PullOptions, PullResult
+    from lamina.registry.push import PushOptions, PushResult
     from lamina.registry.reference import RegistryRef
     from lamina.registry.remote import RemoteBlobSource
     from lamina.registry.sink import BlobSink, LayoutSink, PartialBlob
@@ -34,8 +41,8 @@ _WHERE = {
     "Credentials": "auth",
     "RegistryClient": "client", "RegistryOptions": "client",
     "TransferProgress": "progress",
-    "PullOptions": "pull", "PullResult": "pull", "pull": "pull",
-    "PushOptions": "push", "PushResult": "push", "push": "push",
+    "PullOptions": "pull", "PullResult": "pull",
+    "PushOptions": "push", "PushResult": "push",
     "RegistryRef": "reference",
     "RemoteBlobSource": "remote",
     "BlobSink": "sink", "LayoutSink": "sink", "PartialBlob": "sink",
@@ -44,7 +51,7 @@ _WHERE = {
 __all__ = [
     "BlobSink", "Credentials", "LayoutSink", "PartialBlob", "PullOptions", "PullResult",
     "PushOptions", "PushResult", "RegistryClient", "RegistryOptions", "RegistryRef",
-    "RemoteBlobSource", "TransferProgress", "pull", "push",
+    "RemoteBlobSource", "TransferProgress",
 ]
 
 

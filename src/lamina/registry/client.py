@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import ssl
 import threading
@@ -75,6 +76,29 @@ class FetchedManifest:
     doc: dict[str, Any] = field(repr=False)
 
 
+class _LazyTrust(ssl.SSLContext):
+    """Loads the default CA bundle (httpx's: SSL_CERT_FILE/SSL_CERT_DIR, else certifi)
+    at the first TLS handshake: that takes a tenth of a second, which a pull from a
+    plain-http registry need not pay."""
+
+    _loaded = False
+    _load_lock = threading.Lock()
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if not self._loaded:
+            with self._load_lock:
+                if not self._loaded:
+                    if os.environ.get("SSL_CERT_FILE"):
+                        self.load_verify_locations(cafile=os.environ["SSL_CERT_FILE"])
+                    elif os.environ.get("SSL_CERT_DIR"):
+                        self.load_verify_locations(capath=os.environ["SSL_CERT_DIR"])
+                    else:
+                        import certifi
+                        self.load_verify_locations(cafile=certifi.where())
+                    self._loaded = True
+        return super().wrap_socket(*args, **kwargs)
+
+
 class RegistryClient:
     """The distribution API of one registry, for the repositories in *scopes*."""
 
@@ -94,15 +118,14 @@ class RegistryClient:
             self.base = f"http://{host}"
         else:
             self.base = f"https://{host}"
-        verify: ssl.SSLContext | bool = True
+        verify = _LazyTrust(ssl.PROTOCOL_TLS_CLIENT)
+        verify.minimum_version = ssl.TLSVersion.TLSv1_2
         if options.ca_cert:
             try:
-                ctx = ssl.create_default_context()
-                ctx.load_verify_locations(cafile=options.ca_cert)
+                verify.load_verify_locations(cafile=options.ca_cert)
             except (OSError, ssl.SSLError) as e:
                 raise UsageError(f"--ca-cert {options.ca_cert}: {e}",
                                  hint="give a PEM file with the CA certificate(s)") from None
-            verify = ctx
         self.http = httpx.Client(
             verify=verify, follow_redirects=True,
             timeout=httpx.Timeout(options.timeout, connect=min(options.timeout, 15.0)),

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import IO, Protocol
 
@@ -71,12 +72,38 @@ class LayoutSink:
 
     def __init__(self, layout: OCILayout) -> None:
         self.layout = layout
+        self._creating: threading.Thread | None = None
+        self._create_error: BaseException | None = None
 
     @classmethod
     def init(cls, path: str) -> LayoutSink:
+        """Open the layout at *path*, or create it.
+
+        A new layout's ``index.json`` is written (schema-validated, which first
+        imports jsonschema: a few tenths of a second) on a thread while the pull
+        downloads; ``set_tag`` waits for it.  The thread is not a daemon, so the
+        layout exists even when the pull fails.
+        """
         if os.path.exists(os.path.join(path, "oci-layout")):
             return cls(OCILayout.open(path))
-        return cls(OCILayout.init(path))
+        sink = cls(OCILayout(path))
+        os.makedirs(sink.layout.blob_dir, exist_ok=True)
+        sink._creating = threading.Thread(target=sink._create, name="lamina-layout-init")
+        sink._creating.start()
+        return sink
+
+    def _create(self) -> None:
+        try:
+            OCILayout.init(self.layout.path)
+        except BaseException as e:  # re-raised by set_tag
+            self._create_error = e
+
+    def wait_created(self) -> None:
+        if self._creating is not None:
+            self._creating.join()
+            self._creating = None
+            if self._create_error is not None:
+                raise self._create_error
 
     def has_blob(self, digest: str) -> bool:
         return self.layout.has_blob(digest)
@@ -89,6 +116,7 @@ class LayoutSink:
         self.layout.put_blob(data, "application/octet-stream")
 
     def set_tag(self, tag: str, desc: Descriptor) -> None:
+        self.wait_created()
         self.layout.set_ref(tag, desc)
 
     def partials(self) -> list[str]:
