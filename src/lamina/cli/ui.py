@@ -4,30 +4,45 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING, Any
 
 from lamina.bundle import Progress as ProgressHooks
 from lamina.errors import LaminaError
 from lamina.registry.progress import TransferProgress
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+
+def _new_progress(console: Console) -> Progress:
+    # rich is imported on first use: a --quiet run never pays for it
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=console,
+                    transient=True)
 
 
 class UI:
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet or json_mode
-        # soft_wrap: a message piped to a log stays on one line (rich wraps at 80 otherwise)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self._err: Console | None = None
+
+    @property
+    def err(self) -> Console:
+        if self._err is None:
+            from rich.console import Console
+            # soft_wrap: a message piped to a log stays on one line (rich wraps at 80)
+            self._err = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._err
 
     def emit_json(self, obj: Any) -> None:
         sys.stdout.write(json.dumps(obj, indent=None, sort_keys=True) + "\n")
@@ -57,13 +72,13 @@ class UI:
             self.err.print("[bold red]interrupted[/]: nothing was left half-written")
 
     def progress(self, label: str) -> ProgressHooks:
-        if self.quiet or not self.err.is_terminal:
+        if self.quiet or not sys.stderr.isatty():
             return _Quiet(self)
         return _Bar(self, label)
 
     def transfer(self, label: str) -> TransferProgress:
         """Progress of a pull or push: a total bar and one bar per blob in flight."""
-        if self.quiet or not self.err.is_terminal:
+        if self.quiet or not sys.stderr.isatty():
             return _QuietTransfer(self)
         return _TransferBar(self, label)
 
@@ -85,9 +100,7 @@ class _Bar(ProgressHooks):
     def __init__(self, ui: UI, label: str) -> None:
         self.ui = ui
         self.label = label
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), TimeRemainingColumn(), console=ui.err,
-                          transient=True)
+        self.p = _new_progress(ui.err)
         self.task: TaskID | None = None
         self.layers = 0
 
@@ -127,9 +140,7 @@ class _TransferBar(TransferProgress):
 
     def __init__(self, ui: UI, label: str) -> None:
         self.label = label
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), TimeRemainingColumn(), console=ui.err,
-                          transient=True)
+        self.p = _new_progress(ui.err)
         self.total: TaskID | None = None
         self.tasks: dict[str, TaskID] = {}
         self.blobs = 0

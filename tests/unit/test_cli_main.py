@@ -1,0 +1,32 @@
+"""The command table that lets ``lamina`` import only the command being run."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from lamina.cli.main import COMMANDS, build_parser
+
+
+def _choices(p: argparse.ArgumentParser) -> set[str]:
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
+def test_every_registered_command_is_in_the_table() -> None:
+    assert _choices(build_parser()) == set(COMMANDS)
+
+
+def test_each_command_parser_registers_its_command() -> None:
+    for name in COMMANDS:
+        assert name in _choices(build_parser(name)), name
+
+
+def test_unpack_does_not_import_other_commands_libraries() -> None:
+    code = ("import sys; from lamina.cli.main import build_parser; build_parser('unpack'); "
+            "print(','.join(m for m in ('httpx', 'asyncio', 'sqlite3', "
+            "'lamina.store', 'lamina.ipc') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == ""
