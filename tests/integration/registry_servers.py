@@ -261,6 +261,7 @@ class Fault:
     corrupt: bool = False               # forward, with one body byte flipped
     cut_after: int | None = None        # forward this many body bytes, then drop everything
     on_cut: Callable[[], None] | None = None
+    throttle: float = 0.0               # seconds to sleep after each 64 KiB of body
 
 
 class FaultProxy:
@@ -335,8 +336,15 @@ class FaultProxy:
                     if fault is not None and fault.corrupt and not flipped:
                         chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                         flipped = True
-                    self.wfile.write(chunk)
+                    try:
+                        self.wfile.write(chunk)
+                    except OSError:  # the client went away
+                        self.close_connection = True
+                        conn.close()
+                        return
                     sent += len(chunk)
+                    if fault is not None and fault.throttle:
+                        time.sleep(fault.throttle)
                 if fault is not None and fault.corrupt:
                     proxy.hits.append((method, self.path, "corrupted"))
                 conn.close()

@@ -17,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -324,6 +327,9 @@ def test_basic_auth_over_tls(tmp_path: Path, image: Path) -> None:
     try:
         ref = f"{reg.host}/secure/app:v1"
         ca = ["--ca-cert", str(tls.ca_cert)]
+        err = lamina_fails(11, "push", *ca, "--layout", f"{image}:v1", ref,
+                           env={"HOME": str(image.parent)})
+        assert "--creds" in err["hint"]
         pushed = lamina_ok("push", *ca, "--creds", "alice:s3cret:pw", "--layout",
                            f"{image}:v1", ref)
         # no CA: the certificate is not trusted
@@ -447,11 +453,63 @@ def test_registry_killed_mid_pull_then_resume(own_registry: Registry, tmp_path: 
     own_registry.start()
     res = lamina_ok("pull", "--insecure", ref, "--layout", str(dst))
     assert res["resumed"] == 1 and res["bytes_resumed"] == kept
-    assert res["bytes_downloaded"] < sum(d.size for d in [big_desc]) + (1 << 20)
+    assert big_desc.size - kept <= res["bytes_downloaded"] < big_desc.size
     assert_clean(dst)
     assert (dst / "blobs/sha256" / big_desc.hex).stat().st_size == big_desc.size
     assert diff_manifests(unpack_tree(src, "v1", tmp_path / "b1"),
                           unpack_tree(dst, "v1", tmp_path / "b2")) == []
+
+
+def test_interrupted_pull_then_resume(registry: Registry, proxy: FaultProxy,
+                                      tmp_path: Path) -> None:
+    """SIGTERM (as Ctrl-C) mid-download: exit 130, no tag, only a resumable partial."""
+    src = tmp_path / "src"
+    build_image(str(src), "v1", layers_fixture(big=8 << 20), compression="none")
+    ref = f"{registry.host}/term/app:v1"
+    lamina_ok("push", "--insecure", "--layout", f"{src}:v1", ref)
+    big = max(OCILayout.open(str(src)).resolve("v1").layers, key=lambda d: d.size)
+    proxy.rule = lambda m, p: Fault(throttle=0.02) \
+        if m == "GET" and p.endswith(big.digest) else None
+    dst = tmp_path / "dst"
+    partial = dst / "blobs/sha256" / (PARTIAL_PREFIX + big.hex)
+    proc = subprocess.Popen([sys.executable, "-m", "lamina", "pull", "--insecure",
+                             f"{proxy.host}/term/app:v1", "--layout", str(dst)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > (256 << 10)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert tags(dst) == set()
+    assert assert_clean(dst, partials_ok=True) == [partial]
+    kept = partial.stat().st_size
+    proxy.rule = lambda m, p: None
+    res = lamina_ok("pull", "--insecure", f"{proxy.host}/term/app:v1", "--layout", str(dst))
+    assert res["resumed"] == 1 and res["bytes_resumed"] == kept
+    # only the rest of the big blob (and maybe a small one) went over the network
+    assert big.size - kept <= res["bytes_downloaded"] < big.size
+    assert_clean(dst)
+
+
+def test_push_refuses_a_corrupt_layout(registry: Registry, image: Path) -> None:
+    layer = OCILayout.open(str(image)).resolve("v1").layers[0]
+    blob = image / "blobs/sha256" / layer.hex
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    ref = f"{registry.host}/corrupt/app:v1"
+    err = lamina_fails(5, "push", "--insecure", "--layout", f"{image}:v1", ref)
+    assert layer.digest in err["message"]
+    # the manifest was not pushed: the tag does not exist in the registry
+    lamina_fails(3, "pull", "--insecure", ref, "--layout", str(image.parent / "x"))
 
 
 def test_wrong_digest_then_retry(registry: Registry, proxy: FaultProxy, image: Path,

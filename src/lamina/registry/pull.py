@@ -25,6 +25,7 @@ import httpx
 
 from lamina.errors import (
     DigestMismatchError,
+    EnvironmentError_,
     ImageFormatError,
     NotFoundError,
     RegistryError,
@@ -193,6 +194,18 @@ def _download(client: RegistryClient, repo: str, desc: Descriptor, sink: BlobSin
               prog: TransferProgress, stop: threading.Event,
               retries: int) -> tuple[int, int]:
     """Fetch one blob into the sink; returns (bytes downloaded now, bytes resumed)."""
+    try:
+        return _download_into(client, repo, desc, sink, prog, stop, retries)
+    except OSError as e:  # the sink's disk: full, read-only, permissions
+        raise EnvironmentError_(
+            f"cannot store blob {desc.digest}: {e.strerror or e}",
+            hint="check free space and permissions where the image is written; "
+                 "the next pull resumes what was stored") from None
+
+
+def _download_into(client: RegistryClient, repo: str, desc: Descriptor, sink: BlobSink,
+                   prog: TransferProgress, stop: threading.Event,
+                   retries: int) -> tuple[int, int]:
     part = sink.open_partial(desc.digest)
     try:
         if stop.is_set():

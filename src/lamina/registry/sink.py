@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Protocol
 
+from lamina.errors import UsageError
 from lamina.oci.layout import OCILayout
 from lamina.oci.model import Descriptor
 
@@ -87,7 +88,11 @@ class LayoutSink:
         if os.path.exists(os.path.join(path, "oci-layout")):
             return cls(OCILayout.open(path))
         sink = cls(OCILayout(path))
-        os.makedirs(sink.layout.blob_dir, exist_ok=True)
+        try:
+            os.makedirs(sink.layout.blob_dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the layout {path}: {e.strerror}",
+                             hint="choose a directory path that can be created") from None
         sink._creating = threading.Thread(target=sink._create, name="lamina-layout-init")
         sink._creating.start()
         return sink
