@@ -1,6 +1,21 @@
 """The local content-addressed store: blobs, file objects, tar-splits, refs.
 
-See :mod:`lamina.store.store` for the on-disk tree and its invariants.
+See :mod:`lamina.store.store` for the on-disk tree and its invariants.  What
+drivers use::
+
+    with Store.open(path) as store, store.session():     # session: gc stays out
+        img = store.image("app:1.0")                      # manifest, config, layers
+        for layer in img.layers:                          # .desc, .diff_id, .chain_id
+            split = store.tar_split_path(layer.diff_id)   # splitdirfdstream, dirfd 0 =
+            fd = store.objects_fd                         #   this fd (objects/)
+            with store.extraction_lock("copy", layer.chain_id):
+                if store.extraction("copy", layer.chain_id) is None:
+                    with store.stage_extraction("copy", layer.chain_id) as tmp:
+                        ...                               # build in tmp; renamed on success
+        store.set_in_use("copy", chain_id, True)          # a GC root while mounted
+
+``import_image``/``ingest_layer``/``import_blob`` add content, ``export_layer``
+rebuilds a layer tar, ``gc``/``fsck`` maintain the store.
 """
 
 from lamina.store.fsck import Finding, FsckResult

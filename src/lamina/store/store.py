@@ -22,7 +22,8 @@ Default location: ``/var/lib/lamina`` as root, else ``$XDG_DATA_HOME/lamina``
     │                                   splitdirfdstream whose metadata chunks are the
     │                                   tar's headers/padding/trailer verbatim and
     │                                   whose file chunks name objects (dirfd 0 =
-    │                                   objects/, name "9f/86d0...")
+    │                                   objects/, name "9f/86d0..."); empty files
+    │                                   have no file chunk (their header says size 0)
     ├── extract/
     │   └── <driver>/<chain id hex>/    reserved for drivers: a layer applied on
     │                                   top of everything below it (named by ChainID)
@@ -899,7 +900,7 @@ def _check_store_dir(p: str, create: bool) -> None:
         if not create:
             raise NotFoundError(f"there is no lamina store at {p}",
                                 hint="import an image first (lamina import) or pass --store")
-        os.makedirs(p, 0o700)
+        os.makedirs(p, 0o700, exist_ok=True)    # another process may be creating it too
         os.chmod(p, 0o700)
         return
     if not os.path.exists(os.path.join(p, "lamina.db")):
