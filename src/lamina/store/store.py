@@ -59,9 +59,18 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, TypeVar, cast
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Concatenate,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+)
 
-from lamina.bundle import Progress
 from lamina.errors import (
     BundleError,
     CorruptLayerError,
@@ -74,7 +83,6 @@ from lamina.errors import (
     UnsupportedError,
     UsageError,
 )
-from lamina.layer.compression import LayerPipeline, LayerSource
 from lamina.layer.tarstream import TarEntry
 from lamina.oci import mediatypes as mt
 from lamina.oci.layout import MAX_JSON_BLOB, OCILayout
@@ -95,6 +103,25 @@ from lamina.stream.splitdirfdstream import (
 if TYPE_CHECKING:
     from lamina.store.fsck import FsckResult
     from lamina.store.gc import StoreGCResult
+
+class Progress(Protocol):
+    """The hooks imports report to (lamina.bundle.Progress and the CLI's bars fit)."""
+
+    def start(self, total_bytes: int, layers: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def layer_done(self, index: int) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total_bytes: int, layers: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def layer_done(self, index: int) -> None:
+        pass
+
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -519,7 +546,7 @@ class Store:
         waits for it and then returns ``ingested=False``.
         """
         hex_of(diff_id)
-        prog = progress or Progress()
+        prog = progress or _NoProgress()
         with self.session():
             if self._layer_ready(diff_id):
                 return IngestResult(diff_id, ingested=False)
@@ -542,6 +569,7 @@ class Store:
     def _ingest(self, desc: Descriptor, diff_id: str, opener: Callable[[], BinaryIO],
                 prog: Progress, staged_blob: str | None) -> LayerStats:
         """The hot path; the caller holds the session and the layer's work lock."""
+        from lamina.layer.compression import LayerPipeline, LayerSource
         hexd = hex_of(diff_id)
         objw = self.objects
         stats = LayerStats()
@@ -658,7 +686,7 @@ class Store:
         lay = layout if isinstance(layout, OCILayout) else OCILayout.open(layout)
         ref = parse_ref(name if name is not None else
                         f"{os.path.basename(lay.path.rstrip('/')) or 'image'}:{tag}")
-        prog = progress or Progress()
+        prog = progress or _NoProgress()
         with self.session():
             manifest = lay.resolve(tag, platform)
             cfg = lay.config_for(manifest)
