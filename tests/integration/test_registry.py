@@ -499,6 +499,24 @@ def test_interrupted_pull_then_resume(registry: Registry, proxy: FaultProxy,
     assert_clean(dst)
 
 
+def test_bad_partial_is_downloaded_again(registry: Registry, image: Path,
+                                         tmp_path: Path) -> None:
+    """A kept partial download that does not lead to the right digest (left by a
+    lying server or a disk error) is dropped and the blob fetched whole, once."""
+    ref = f"{registry.host}/badpart/app:v1"
+    lamina_ok("push", "--insecure", "--layout", f"{image}:v1", ref)
+    layer = max(OCILayout.open(str(image)).resolve("v1").layers, key=lambda d: d.size)
+    dst = tmp_path / "dst"
+    (dst / "blobs/sha256").mkdir(parents=True)
+    bad = dst / "blobs/sha256" / (PARTIAL_PREFIX + layer.hex)
+    bad.write_bytes(os.urandom(layer.size // 2))
+    res = lamina_ok("pull", "--insecure", ref, "--layout", str(dst))
+    assert res["resumed"] == 0 and res["downloaded"] == 3
+    assert res["bytes_downloaded"] >= layer.size + layer.size // 2  # the try, then whole
+    assert_clean(dst)
+    assert tags(dst) == {"v1"}
+
+
 def test_push_refuses_a_corrupt_layout(registry: Registry, image: Path) -> None:
     layer = OCILayout.open(str(image)).resolve("v1").layers[0]
     blob = image / "blobs/sha256" / layer.hex

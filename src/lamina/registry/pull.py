@@ -220,21 +220,17 @@ def _download_into(client: RegistryClient, repo: str, desc: Descriptor, sink: Bl
                 h.update(chunk)
             prog.advance(desc.digest, resumed)
         got = 0
-        failures = 0
-        while part.offset < desc.size or (desc.size == 0 and got == 0 and failures == 0):
-            try:
-                got += _stream(client, repo, desc, part, h, prog, stop)
-                break
-            except _Dropped as e:
-                got += e.nbytes
-                failures += 1
-                if failures > retries:
-                    raise transport_error(e.cause, client.ref.registry,
-                                          f"download of blob {desc.digest}") from None
-                time.sleep(0.5 * failures)
-            except _Restart:
-                h = hashlib.sha256()
+        while True:
+            got, h, restarted = _fill(client, repo, desc, part, h, prog, stop, retries, got)
+            if restarted:
                 resumed = 0
+            if resumed and "sha256:" + h.hexdigest() != desc.digest:
+                # the kept partial was bad (an earlier pull from a lying server, a disk
+                # error): start this blob again from nothing, once
+                part.truncate()
+                h, resumed = hashlib.sha256(), 0
+                continue
+            break
         if part.offset != desc.size or "sha256:" + h.hexdigest() != desc.digest:
             n = part.offset
             part.truncate()  # bad bytes must not be resumed
@@ -254,6 +250,30 @@ def _download_into(client: RegistryClient, repo: str, desc: Descriptor, sink: Bl
         return got, resumed
     finally:
         part.close()
+
+
+def _fill(client: RegistryClient, repo: str, desc: Descriptor, part: PartialBlob, h: Any,
+          prog: TransferProgress, stop: threading.Event, retries: int,
+          got: int) -> tuple[int, Any, bool]:
+    """Stream the rest of the blob into *part*, resuming after dropped connections;
+    returns (bytes downloaded, hash of everything in *part*, whether it restarted)."""
+    failures = 0
+    restarted = False
+    while part.offset < desc.size or (desc.size == 0 and failures == 0):
+        try:
+            got += _stream(client, repo, desc, part, h, prog, stop)
+            break
+        except _Dropped as e:
+            got += e.nbytes
+            failures += 1
+            if failures > retries:
+                raise transport_error(e.cause, client.ref.registry,
+                                      f"download of blob {desc.digest}") from None
+            time.sleep(0.5 * failures)
+        except _Restart:
+            h = hashlib.sha256()
+            restarted = True
+    return got, h, restarted
 
 
 class _Dropped(Exception):
