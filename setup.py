@@ -7,7 +7,7 @@ succeeds and lamina runs its pure-Python path (same results, slower unpack).
 from setuptools import Extension, setup
 
 setup(ext_modules=[
-    Extension("lamina._fastpath", ["src/lamina/_fastpath.c"], libraries=["crypto"],
+    Extension("lamina._fastpath", ["src/lamina/_fastpath.c"], libraries=["crypto", "pthread"],
               extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
               optional=True),
 ])

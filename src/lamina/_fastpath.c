@@ -22,12 +22,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #define BLOCK 512
 #define MAX_BATCH 512
+#define PARALLEL_MIN 16
 #define NAME_MAX_LEN (155 + 1 + 100)
 
 typedef struct {
@@ -221,6 +223,41 @@ fail:
     return -1;
 }
 
+typedef struct {
+    member *ms;
+    int from, to, done;   /* done: index of the first member not created */
+    const opts *o;
+} range;
+
+static void *create_range(void *arg) {
+    range *r = arg;
+    for (r->done = r->from; r->done < r->to; r->done++)
+        if (create_member(&r->ms[r->done], r->o) < 0)
+            break;
+    return NULL;
+}
+
+/* Create ms[0:n] on two threads (the kernel's share of creating a file is most of
+ * its cost and runs in parallel outside the directory lock).  Returns the length of
+ * the prefix that was created; members after it may exist too, and are redone (and
+ * so replaced) by Python like any member that finds its name taken. */
+static int create_members(member *ms, int n, const opts *o) {
+    range a = {ms, 0, n, 0, o}, b;
+    pthread_t t;
+    if (n >= PARALLEL_MIN) {
+        a.to = n / 2;
+        b = (range){ms, n / 2, n, n / 2, o};
+        if (pthread_create(&t, NULL, create_range, &b) == 0) {
+            create_range(&a);
+            pthread_join(t, NULL);
+            return a.done < a.to ? a.done : b.done;
+        }
+        a.to = n;
+    }
+    create_range(&a);
+    return a.done;
+}
+
 PyDoc_STRVAR(extract_files_doc,
 "extract_files(buf, pos, dirs, hashes, layer_paths, rootless, euid, egid, umask)\n"
 "    -> (pos, files, nbytes, parents, need)\n\n"
@@ -274,11 +311,9 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
         }
         if (!stopped)
             need = 0;
-        int done = 0;
+        int done;
         Py_BEGIN_ALLOW_THREADS
-        for (; done < n; done++)
-            if (create_member(&ms[done], &o) < 0)
-                break;
+        done = create_members(ms, n, &o);
         Py_END_ALLOW_THREADS
         int err = 0;
         PyObject *last = NULL;
