@@ -22,6 +22,7 @@ code  class                   meaning
 9     UnsupportedError        media type / tar feature lamina does not handle
 10    EnvironmentError_       the host lacks a privilege or kernel feature
 11    RegistryError           a registry refused, failed or could not be reached
+12    HookError               a configured hook failed, timed out or is misconfigured
 ====  ======================  ==============================================
 """
 
@@ -92,3 +93,8 @@ class EnvironmentError_(LaminaError):
 class RegistryError(LaminaError):
     code = 11
     kind = "registry"
+
+
+class HookError(LaminaError):
+    code = 12
+    kind = "hook"
