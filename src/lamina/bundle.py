@@ -43,7 +43,7 @@ from lamina.layer.snapshot import take_snapshot, write_rows
 from lamina.layer.tarstream import TarReader
 from lamina.oci import runtime
 from lamina.oci.layout import ImageRef, OCILayout
-from lamina.oci.model import Platform
+from lamina.oci.model import ImageConfig, Manifest, Platform
 
 METADATA = "lamina.json"
 SNAPSHOT = "lamina.snapshot"
@@ -97,11 +97,22 @@ def _prepare_target(bundle: str) -> None:
 
 
 def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResult:
-    prog = progress or Progress()
     t0 = time.monotonic()
     layout = OCILayout.open(opts.image.layout)
     manifest = layout.resolve(opts.image.tag, opts.platform)
     cfg = layout.config_for(manifest)
+    return unpack_resolved(layout, manifest, cfg, opts, progress, t0=t0)
+
+
+def unpack_resolved(layout: OCILayout, manifest: Manifest, cfg: ImageConfig,
+                    opts: UnpackOptions, progress: Progress | None = None, *,
+                    meta_extra: dict[str, Any] | None = None,
+                    t0: float | None = None) -> UnpackResult:
+    """Unpack an image already resolved to its manifest and config; its blobs are
+    read from *layout* (a store's ``blobs/`` works too).  *meta_extra* is merged
+    into ``lamina.json`` (drivers record themselves there)."""
+    prog = progress or Progress()
+    t0 = time.monotonic() if t0 is None else t0
     bundle = os.path.abspath(opts.bundle)
     _prepare_target(bundle)
     parent = os.path.dirname(bundle)
@@ -149,6 +160,7 @@ def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResul
             "options": {"rootless": opts.rootless, "keep_dirlinks": opts.keep_dirlinks,
                         "uid_map": [str(m) for m in opts.uid_map],
                         "gid_map": [str(m) for m in opts.gid_map]},
+            **(meta_extra or {}),
         }
         write_json(os.path.join(stage, METADATA), meta)
         os.chmod(stage, 0o700 if opts.rootless else 0o711)
