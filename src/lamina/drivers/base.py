@@ -146,8 +146,19 @@ class Driver(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, req: ClaimRequest) -> None:
-        self.req = req
+    def __init__(self, req: ClaimRequest | None = None, *,
+                 meta: Mapping[str, Any] | None = None, store: Store | None = None) -> None:
+        """Made by a factory's ``claim`` (with *req*, to prepare a bundle) or
+        ``open`` (with an existing bundle's ``lamina.json`` as *meta*)."""
+        self._req = req
+        self.meta: Mapping[str, Any] = meta or {}
+        self.store = store if store is not None else (req.store if req else None)
+
+    @property
+    def req(self) -> ClaimRequest:
+        if self._req is None:
+            raise unsupported(self.name, "preparing a bundle it only opened")
+        return self._req
 
     # -- unpack ---------------------------------------------------------------------------
     @abstractmethod
