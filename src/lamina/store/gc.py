@@ -67,9 +67,9 @@ def _size(path: str) -> int:
 
 
 def collect(store: Store, *, dry_run: bool = False,
-            removers: dict[str, Callable[[str], None]]) -> StoreGCResult:
+            removers: dict[str, Callable[[str], None]], wait: bool = True) -> StoreGCResult:
     res = StoreGCResult(store.path, dry_run)
-    with store.lock.exclusive(wait=store.options.wait):
+    with store.lock.exclusive(wait=wait):
         try:
             with store.db.tx() as c:
                 doomed = _plan(store, c, res, removers)

@@ -57,7 +57,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import (
     IO,
@@ -103,6 +103,7 @@ from lamina.stream.splitdirfdstream import (
 if TYPE_CHECKING:
     from lamina.store.fsck import FsckResult
     from lamina.store.gc import StoreGCResult
+    from lamina.store.receive import BlobInput, ReceiveStats
 
 class Progress(Protocol):
     """The hooks imports report to (lamina.bundle.Progress and the CLI's bars fit)."""
@@ -675,6 +676,78 @@ class Store:
                      "image again")
         return digest
 
+    @_host_errors
+    def receive_layer(self, stream: BinaryIO, dirfds: Sequence[int], *,
+                      diff_id: str | None = None, blob: BlobInput | None = None,
+                      compression: str = "gzip",
+                      trust_source: bool = False) -> tuple[Descriptor, str, ReceiveStats]:
+        """Store a layer sent as a splitdirfdstream whose file chunks name files
+        beneath *dirfds*; returns ``(blob descriptor, diff_id, stats)``.
+
+        Referenced files are cloned (FICLONE, else copied) into objects, the tar
+        is verified against *diff_id*, *blob* (an open compressed blob) is cloned
+        and verified, or else the blob is regenerated with *compression*.  See
+        :mod:`lamina.store.receive` for ``trust_source``.
+        """
+        from lamina.store.receive import receive
+        with self.session():
+            return receive(self, stream, dirfds, diff_id=diff_id, blob=blob,
+                           compression=compression, trust_source=trust_source)
+
+    @_host_errors
+    def put_image(self, name: str, manifest: bytes, config: bytes) -> str:
+        """Record an image whose layers are already stored, from its manifest and
+        config documents (kept byte for byte), and name it; returns the manifest digest."""
+        ref = parse_ref(name)
+        mdigest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        m = Manifest.from_json(mdigest, _json(manifest, mdigest))
+        if "sha256:" + hashlib.sha256(config).hexdigest() != m.config.digest:
+            raise DigestMismatchError(f"config does not match {m.config.digest} of manifest "
+                                      f"{mdigest}")
+        cfg = ImageConfig.from_json(m.config.digest, _json(config, m.config.digest))
+        if len(cfg.diff_ids) != len(m.layers):
+            raise ImageFormatError(f"manifest {mdigest}: layer count differs from its config")
+        chains = chain_ids(cfg.diff_ids)
+        mtype = str(m.raw.get("mediaType") or mt.MANIFEST)
+        with self.session():
+            for d, diff_id in zip(m.layers, cfg.diff_ids, strict=True):
+                if not self._layer_ready(diff_id) or not self.has_blob(d.digest):
+                    raise NotFoundError(f"layer {diff_id} ({d.digest}) is not in the store",
+                                        hint="store the image's layers first")
+            self.put_blob(config, m.config.media_type)
+            self.put_blob(manifest, mtype)
+            plat = "/".join(p for p in (cfg.os, cfg.architecture,
+                                        cfg.raw.get("variant") or "") if p)
+            now = time.time()
+            with self.db.tx() as c:
+                c.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?, ?)",
+                          (mdigest, mtype, len(manifest), m.config.digest, plat, now))
+                c.execute("DELETE FROM manifest_layers WHERE manifest = ?", (mdigest,))
+                parent: str | None = None
+                for i, d in enumerate(m.layers):
+                    c.execute("INSERT INTO manifest_layers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              (mdigest, i, d.digest, d.media_type, d.size, cfg.diff_ids[i],
+                               chains[i]))
+                    c.execute("INSERT OR IGNORE INTO chains VALUES (?, ?, ?, ?)",
+                              (chains[i], parent, cfg.diff_ids[i], i))
+                    parent = chains[i]
+                c.execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?)", (ref, mdigest, now))
+        return mdigest
+
+    def hold(self) -> Callable[[], None]:
+        """Take the store lock (shared) until the returned function is called: ``gc``
+        waits meanwhile.  For holders whose lifetime is not a ``with`` block."""
+        cm = self.session()
+        cm.__enter__()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                cm.__exit__(None, None, None)
+        return release
+
     # -- images ---------------------------------------------------------------------------
     @_host_errors
     def import_image(self, layout: OCILayout | str, tag: str, name: str | None = None, *,
@@ -908,10 +981,13 @@ class Store:
     # -- maintenance ------------------------------------------------------------------------
     @_host_errors
     def gc(self, *, dry_run: bool = False,
-           removers: dict[str, Callable[[str], None]] | None = None) -> StoreGCResult:
-        """Remove everything no ref (or in-use extraction) reaches; see lamina.store.gc."""
+           removers: dict[str, Callable[[str], None]] | None = None,
+           wait: bool | None = None) -> StoreGCResult:
+        """Remove everything no ref (or in-use extraction) reaches; see lamina.store.gc.
+        *wait* overrides ``options.wait`` for the exclusive lock."""
         from lamina.store.gc import collect
-        return collect(self, dry_run=dry_run, removers=removers or {})
+        return collect(self, dry_run=dry_run, removers=removers or {},
+                       wait=self.options.wait if wait is None else wait)
 
     @_host_errors
     def fsck(self, *, quick: bool = False, repair: bool = False) -> FsckResult:

@@ -1,0 +1,423 @@
+"""Storing a layer that arrives as a splitdirfdstream (``lamina copy``, ``PutLayer``).
+
+Two modes:
+
+verified (the default, and the only one for streams from a peer)
+    The stream is reassembled through the same splitter ``ingest`` uses, so
+    the result is what an import of the same tar would have made: one object
+    per regular file, metadata verbatim.  A file chunk that covers exactly one
+    member's data is first *cloned* into this store's staging (FICLONE where
+    the filesystem allows, else copied) and then read back from that private
+    clone for hashing, so a peer cannot change the bytes between the check and
+    the store.  If the chunk names an object this store already has, our own
+    object is read instead and nothing is cloned.  Every byte is hashed: the
+    tar must match the diff_id before anything is published.
+
+trusted (``trust_source=True``, only for a local store this process opened)
+    The source's tar-split was verified against the diff_id when it was
+    ingested and its objects are content-addressed and never rewritten, so the
+    tar-split is copied chunk by chunk and each missing object is cloned under
+    the same name; no file data is read.  A damaged source store would pass
+    its damage on, as ``cp`` would; ``lamina fsck`` on the source finds it.
+
+Either way the layer's row is published last; a failure leaves only
+unreferenced objects and staging, which ``gc`` reclaims (``fsck`` reports
+them as garbage, not problems).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+from lamina.errors import CorruptLayerError, DigestMismatchError, UsageError
+from lamina.layer.tarstream import TarEntry
+from lamina.oci import mediatypes as mt
+from lamina.oci.model import Descriptor
+from lamina.store.ids import hex_of
+from lamina.store.objects import SMALL, object_name, syncfs
+from lamina.stream.splitdirfdstream import (
+    FILE,
+    Chunk,
+    DataReader,
+    StreamWriter,
+    from_tar,
+    import_file,
+    open_ref,
+    read_chunks,
+    write_tar,
+)
+
+if TYPE_CHECKING:
+    from lamina.store.store import Store
+
+_IO = 1 << 20
+_OBJ_NAME = re.compile(rb"^([0-9a-f]{2})/([0-9a-f]{62})$")
+_HINT_PEER = "the sender's stream or the files it references do not match the layer"
+
+
+@dataclass
+class ReceiveStats:
+    """What storing one layer cost."""
+
+    files: int = 0              # regular files with content
+    new_objects: int = 0
+    reflinked_bytes: int = 0    # new objects made with FICLONE: no data written
+    copied_bytes: int = 0       # new objects whose data was written
+    present_bytes: int = 0      # objects the store already had
+    tar_size: int = 0
+    blob: str = ""              # "reflinked", "copied", "present" or "regenerated"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BlobInput:
+    """The layer's compressed blob as an open file, to clone instead of regenerating."""
+
+    fd: int
+    desc: Descriptor
+
+
+def object_hex(chunk: Chunk) -> str | None:
+    """The object a store tar-split's file chunk names (dirfd 0, ``ab/62 hex``), else None."""
+    if chunk.dirfd_index != 0 or chunk.name is None:
+        return None
+    m = _OBJ_NAME.match(chunk.name)
+    return (m.group(1) + m.group(2)).decode() if m else None
+
+
+class _ChunkTar:
+    """The tar a chunk sequence stands for, as a readable stream.
+
+    A read never crosses a chunk boundary, so when the splitter asks where a
+    member's data is, :meth:`file_at` can tell whether it is exactly one file
+    chunk that nothing has read yet.
+    """
+
+    def __init__(self, chunks: Iterator[Chunk], dirfds: Sequence[int]) -> None:
+        self._it = chunks
+        self._dirfds = dirfds
+        self._pending: Chunk | None = None
+        self._data = b""
+        self._dpos = 0
+        self._fd = -1
+        self._foff = 0
+        self._fleft = 0
+        self._fname = b""
+        self.handed = 0             # tar bytes returned so far
+
+    def _next(self) -> Chunk | None:
+        if self._pending is not None:
+            c, self._pending = self._pending, None
+            return c
+        return next(self._it, None)
+
+    def file_at(self, offset: int, size: int) -> Chunk | None:
+        """The file chunk that is exactly the tar bytes [offset, offset + size), if any."""
+        if self.handed != offset or self._dpos < len(self._data) or self._fd >= 0:
+            return None
+        if self._pending is None:
+            self._pending = next(self._it, None)
+        c = self._pending
+        return c if c is not None and c.kind == FILE and c.size == size else None
+
+    def serve_file(self, fd: int, chunk: Chunk) -> None:
+        """Serve the pending file chunk's bytes from *fd* (ours; closed when read)."""
+        assert self._pending is chunk
+        self._pending = None
+        self._fd, self._foff, self._fleft = fd, 0, chunk.size
+        self._fname = chunk.name or b""
+        if not self._fleft:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        self._close_file()
+
+    def read(self, n: int = _IO) -> bytes:
+        while True:
+            if self._dpos < len(self._data):
+                b = self._data[self._dpos:self._dpos + n]
+                self._dpos += len(b)
+                self.handed += len(b)
+                return b
+            if self._fd >= 0:
+                b = os.pread(self._fd, min(n, self._fleft, _IO), self._foff)
+                if not b:
+                    raise CorruptLayerError(
+                        f"referenced file {self._fname.decode('utf-8', 'replace')!r} shrank "
+                        "while it was read", hint="do not modify referenced files during a copy")
+                self._foff += len(b)
+                self._fleft -= len(b)
+                if not self._fleft:
+                    self._close_file()
+                self.handed += len(b)
+                return b
+            c = self._next()
+            if c is None:
+                return b""
+            if c.kind == FILE:
+                self._pending = c
+                self.serve_file(open_ref(self._dirfds, c), c)
+            else:
+                self._data, self._dpos = c.data or b"", 0
+
+
+class _Receiver:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.sfd = store._staging.fd
+        self.objw = store.objects
+        self.refs: dict[str, int] = {}
+        self.stats = ReceiveStats()
+        self.temps: list[str] = []
+
+    def tmpname(self, kind: str) -> str:
+        name = f"{kind}-{os.getpid()}-{os.urandom(6).hex()}"
+        self.temps.append(name)
+        return name
+
+    def cleanup(self) -> None:
+        for name in self.temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.sfd)
+        self.temps.clear()
+
+    def _ours(self, hexd: str) -> int:
+        return os.open(object_name(hexd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                       dir_fd=self.objw.dir_fd)
+
+    def _publish_object(self, tmp: str, hexd: str) -> bool:
+        try:
+            os.link(tmp, object_name(hexd), src_dir_fd=self.sfd,
+                    dst_dir_fd=self.objw.dir_fd, follow_symlinks=False)
+            created = True
+        except FileExistsError:
+            created = False
+        os.unlink(tmp, dir_fd=self.sfd)
+        self.temps.remove(tmp)
+        self.objw.known.add(hexd)
+        return created
+
+    def _clone(self, src: int) -> tuple[str, bool]:
+        tmp = self.tmpname("recv")
+        return tmp, import_file(src, self.sfd, tmp, mode=0o444)
+
+    # -- verified ------------------------------------------------------------------------
+    def verified(self, stream: BinaryIO, dirfds: Sequence[int], out: StreamWriter) -> str:
+        tar = _ChunkTar(read_chunks(stream), dirfds)
+
+        def place(entry: TarEntry, data: DataReader) -> tuple[int, str]:
+            size = entry.size
+            self.stats.files += 1
+            chunk = tar.file_at(entry.offset + len(entry.raw_header), size)
+            if chunk is None:
+                return self._place_bytes(size, data)
+            claimed = object_hex(chunk)
+            tmp: str | None = None
+            cloned = False
+            if claimed is not None and self.objw.exists(claimed):
+                fd = self._ours(claimed)
+            else:
+                src = open_ref(dirfds, chunk)
+                try:
+                    tmp, cloned = self._clone(src)
+                finally:
+                    os.close(src)
+                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.sfd)
+            tar.serve_file(fd, chunk)
+            h = hashlib.sha256()
+            while b := data():
+                h.update(b)
+            hexd = h.hexdigest()
+            if tmp is None:
+                if hexd != claimed:
+                    raise CorruptLayerError(
+                        f"object sha256:{claimed} of the store {self.store.path} holds "
+                        f"sha256:{hexd}", hint="run 'lamina fsck --repair'")
+                self.stats.present_bytes += size
+            elif self._publish_object(tmp, hexd):
+                self.stats.new_objects += 1
+                if cloned:
+                    self.stats.reflinked_bytes += size
+                else:
+                    self.stats.copied_bytes += size
+            else:
+                self.stats.present_bytes += size
+            self.refs[hexd] = size
+            return 0, object_name(hexd)
+
+        try:
+            return from_tar(cast(BinaryIO, tar), out, place)
+        finally:
+            tar.close()
+
+    def _place_bytes(self, size: int, data: DataReader) -> tuple[int, str]:
+        """Content that is not one whole file chunk: store it like ``ingest`` does."""
+        if size <= SMALL:
+            parts: list[bytes] = []
+            while b := data():
+                parts.append(b)
+            hexd, created = self.objw.put_bytes(b"".join(parts))
+        else:
+            hexd, _n, created = self.objw.put_stream(data)
+        if created:
+            self.stats.new_objects += 1
+            self.stats.copied_bytes += size
+        else:
+            self.stats.present_bytes += size
+        self.refs[hexd] = size
+        return 0, object_name(hexd)
+
+    # -- trusted -------------------------------------------------------------------------
+    def trusted(self, stream: BinaryIO, dirfds: Sequence[int], out: StreamWriter) -> None:
+        for c in read_chunks(stream):
+            if c.kind != FILE:
+                assert c.data is not None
+                (out.metadata if c.kind == 0 else out.inline)(c.data)
+                continue
+            hexd = object_hex(c)
+            if hexd is None:
+                raise UsageError(f"file chunk {c.name!r} does not name a store object",
+                                 hint="trust_source is only for streams of a lamina store")
+            self.stats.files += 1
+            if self.objw.exists(hexd):
+                self.stats.present_bytes += c.size
+            else:
+                src = open_ref(dirfds, c)
+                try:
+                    tmp, cloned = self._clone(src)
+                finally:
+                    os.close(src)
+                if self._publish_object(tmp, hexd):
+                    self.stats.new_objects += 1
+                    if cloned:
+                        self.stats.reflinked_bytes += c.size
+                    else:
+                        self.stats.copied_bytes += c.size
+                else:
+                    self.stats.present_bytes += c.size
+            self.refs[hexd] = c.size
+            out.file_ref(c.size, 0, object_name(hexd))
+        out.flush()
+
+    # -- blobs ---------------------------------------------------------------------------
+    def stage_blob(self, blob: BlobInput, verify: bool) -> str:
+        st = os.fstat(blob.fd)
+        if st.st_size != blob.desc.size:
+            raise DigestMismatchError(
+                f"blob {blob.desc.digest} is {st.st_size} bytes, its descriptor says "
+                f"{blob.desc.size}", hint=_HINT_PEER)
+        tmp, cloned = self._clone(blob.fd)
+        if verify:
+            h = hashlib.sha256()
+            with open(os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.sfd), "rb",
+                      buffering=0) as f:
+                while b := f.read(_IO):
+                    h.update(b)
+            if "sha256:" + h.hexdigest() != blob.desc.digest:
+                raise DigestMismatchError(f"blob {blob.desc.digest} does not match its digest",
+                                          hint=_HINT_PEER)
+        self.stats.blob = "reflinked" if cloned else "copied"
+        return tmp
+
+    def regenerate_blob(self, split: str, compression: str) -> tuple[str, Descriptor]:
+        """Compress the layer rebuilt from its new tar-split and our objects."""
+        from lamina.layer.generate import _compressor, _Sink
+
+        media_type = mt.COMPRESSION_LAYER_TYPE.get(compression)
+        if media_type is None:
+            raise UsageError(f"unknown compression {compression!r}", hint="gzip, zstd or none")
+        tmp = self.tmpname("blob")
+        h = hashlib.sha256()
+        n = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
+                     dir_fd=self.sfd)
+        with open(fd, "wb", buffering=_IO) as f:
+            def write(b: bytes) -> None:
+                nonlocal n
+                h.update(b)
+                n += len(b)
+                f.write(b)
+
+            comp = _compressor(compression, _Sink(write))
+            with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.sfd), "rb",
+                      buffering=_IO) as s:
+                write_tar(read_chunks(s), [self.objw.dir_fd], comp)
+            if compression != "none":
+                comp.close()
+        self.stats.blob = "regenerated"
+        return tmp, Descriptor(media_type, "sha256:" + h.hexdigest(), n)
+
+
+def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: str | None,
+            blob: BlobInput | None, compression: str,
+            trust_source: bool) -> tuple[Descriptor, str, ReceiveStats]:
+    """Store one layer from a splitdirfdstream; the caller holds a session.
+
+    Returns the blob descriptor, the diff_id and what it cost.
+    """
+    if trust_source and (diff_id is None or blob is None):
+        raise UsageError("a trusted copy needs the diff_id and the blob")
+    if diff_id is not None:
+        hex_of(diff_id)
+    r = _Receiver(store)
+    try:
+        split = r.tmpname("split")
+        fd = os.open(split, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
+                     dir_fd=r.sfd)
+        with open(fd, "wb", buffering=_IO) as f:
+            w = StreamWriter(f)
+            if trust_source:
+                r.trusted(stream, dirfds, w)
+                assert diff_id is not None
+                digest = diff_id
+            else:
+                digest = r.verified(stream, dirfds, w)
+            w.flush()
+            r.stats.tar_size = w.tar_size
+        if diff_id is not None and digest != diff_id:
+            raise DigestMismatchError(
+                f"layer stream reassembles to {digest}, expected diff_id {diff_id}",
+                hint=_HINT_PEER)
+        if blob is not None:
+            staged_blob = r.stage_blob(blob, verify=not trust_source)
+            desc = blob.desc
+        else:
+            staged_blob, desc = r.regenerate_blob(split, compression)
+        with store.layer_lock(digest):
+            if store._layer_ready(digest) and store.has_blob(desc.digest):
+                r.stats.blob = "present"
+                return desc, digest, r.stats
+            os.rename(split, store.tar_split_path(digest), src_dir_fd=r.sfd)
+            r.temps.remove(split)
+            store._link_blob(staged_blob, desc.digest)
+            r.temps.remove(staged_blob)
+            if store.options.fsync:
+                syncfs(store._root_fd)
+            with store.db.tx() as c:
+                c.execute("DELETE FROM layer_objects WHERE diff_id = ?", (digest,))
+                c.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?)",
+                              [(f"sha256:{h}", n) for h, n in r.refs.items()])
+                c.executemany("INSERT INTO layer_objects VALUES (?, ?)",
+                              [(digest, f"sha256:{h}") for h in r.refs])
+                c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
+                          (desc.digest, desc.media_type, desc.size))
+                c.execute("INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, 'ready', ?)",
+                          (digest, desc.digest, desc.media_type, desc.size,
+                           r.stats.tar_size, r.stats.files, time.time()))
+        return desc, digest, r.stats
+    finally:
+        r.cleanup()
