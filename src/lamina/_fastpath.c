@@ -1,4 +1,4 @@
-/* Compiled fast path for the commonest tar member: a plain regular file.
+/* Compiled fast path for the commonest tar members: plain files, directories, symlinks.
  *
  * Unpacking spends most of its time on per-member work, and in Python that
  * work costs more than the kernel's.  extract_files() takes the tar reader's
@@ -34,7 +34,9 @@
 
 typedef struct {
     int pfd;
+    char kind;               /* 'f' file, 'd' directory, 'l' symlink */
     char base[NAME_MAX_LEN + 1];
+    char link[101];
     unsigned int mode;
     long long uid, gid, mtime, size;
     const unsigned char *data;
@@ -82,7 +84,9 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
         *need = BLOCK;
         return 2;
     }
-    if (h[156] != '0' && h[156] != '\0')
+    char t = (char)h[156];
+    m->kind = (t == '0' || t == '\0') ? 'f' : t == '5' ? 'd' : t == '2' ? 'l' : 0;
+    if (!m->kind)
         return 0;
     if (octal(h + 148, 8, &chk) < 0)
         return 0;
@@ -99,6 +103,8 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
         octal(h + 136, 12, &m->mtime) < 0)
         return 0;
     m->mode = (unsigned int)(mode & 07777);
+    if (m->mtime > 9000000000LL)
+        return 0;   /* its nanoseconds would overflow; Python copes */
     if (rootless && (m->uid || m->gid))
         return 0;   /* ownership goes to an xattr: Python's job */
     if (posix) {
@@ -113,8 +119,20 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     memcpy(full + flen, h, nlen);
     flen += nlen;
     full[flen] = '\0';
+    if (m->kind == 'd')
+        while (flen > 1 && full[flen - 1] == '/')
+            full[--flen] = '\0';   /* "usr/lib/": the usual spelling of a directory */
     if (flen == 0 || full[flen - 1] == '/' || strstr(full, ".wh.") != NULL)
         return 0;
+    if (m->kind == 'l') {
+        size_t llen = field_len(h + 157, 100);
+        if (llen == 0)
+            return 0;
+        memcpy(m->link, h + 157, llen);
+        m->link[llen] = '\0';
+    }
+    if (m->kind != 'f')
+        m->size = 0;   /* header-only types carry no data, whatever the size field says */
     /* components: drop a leading "./" or "/" only; anything else irregular goes to Python */
     const char *name = full;
     if (name[0] == '/')
@@ -187,9 +205,40 @@ static int write_all(int fd, const unsigned char *p, long long n) {
     return 0;
 }
 
+static int owner_differs(const member *m, const opts *o) {
+    return !o->rootless && (m->uid != o->euid || m->gid != o->egid);
+}
+
+/* A directory or symlink, as RootfsWriter._apply_entry makes a fresh one: directories
+ * 0700 now, their mode and mtime applied by finish(); symlinks get owner and mtime. */
+static int create_other(member *m, const opts *o) {
+    if (m->kind == 'd') {
+        if (mkdirat(m->pfd, m->base, 0700) < 0)
+            return -1;
+        if (owner_differs(m, o) &&
+            fchownat(m->pfd, m->base, (uid_t)m->uid, (gid_t)m->gid, AT_SYMLINK_NOFOLLOW) < 0) {
+            unlinkat(m->pfd, m->base, AT_REMOVEDIR);
+            return -1;
+        }
+        return 0;
+    }
+    if (symlinkat(m->link, m->pfd, m->base) < 0)
+        return -1;
+    struct timespec ts[2] = {{(time_t)m->mtime, 0}, {(time_t)m->mtime, 0}};
+    if ((owner_differs(m, o) &&
+         fchownat(m->pfd, m->base, (uid_t)m->uid, (gid_t)m->gid, AT_SYMLINK_NOFOLLOW) < 0) ||
+        utimensat(m->pfd, m->base, ts, AT_SYMLINK_NOFOLLOW) < 0) {
+        unlinkat(m->pfd, m->base, 0);
+        return -1;
+    }
+    return 0;
+}
+
 /* The syscalls for one member, mirroring RootfsWriter._apply_entry/_write_file
  * (chown first: it clears setuid bits; chmod only where creation left it wrong). */
 static int create_member(member *m, const opts *o) {
+    if (m->kind != 'f')
+        return create_other(m, o);
     unsigned int cmode = (m->mode & 0777) | (o->rootless ? 0600 : 0);
     int fd = openat(m->pfd, m->base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cmode);
     if (fd < 0)
@@ -197,7 +246,7 @@ static int create_member(member *m, const opts *o) {
     int chowned = 0;
     if (write_all(fd, m->data, m->size) < 0)
         goto fail;
-    if (!o->rootless && (m->uid != o->euid || m->gid != o->egid)) {
+    if (owner_differs(m, o)) {
         if (fchown(fd, (uid_t)m->uid, (gid_t)m->gid) < 0)
             goto fail;
         chowned = 1;
@@ -259,30 +308,31 @@ static int create_members(member *ms, int n, const opts *o) {
 }
 
 PyDoc_STRVAR(extract_files_doc,
-"extract_files(buf, pos, dirs, hashes, layer_paths, rootless, euid, egid, umask)\n"
-"    -> (pos, files, nbytes, parents, need)\n\n"
-"Create the consecutive plain regular-file members of the tar data in buf[pos:].\n"
-"dirs maps an archive parent path ('a/b', '' for the root) to (dir fd, real path);\n"
-"each created file's real path gets its SHA-256 in hashes and joins layer_paths.\n"
-"Returns the offset of the first member left to the caller, how many files were\n"
-"made, their data bytes, the distinct parent real paths, and, when the batch\n"
+"extract_files(buf, pos, dirs, hashes, layer_paths, dir_meta, rootless, euid, egid,\n"
+"              umask) -> (pos, entries, files, nbytes, parents, need)\n\n"
+"Create the consecutive plain file, directory and symlink members of the tar data\n"
+"in buf[pos:].  dirs maps an archive parent path ('a/b', '' for the root) to (dir fd,\n"
+"real path); each created member's real path joins layer_paths, a file's gets its\n"
+"SHA-256 in hashes, a directory's gets (mode, mtime_ns) in dir_meta.  Returns the\n"
+"offset of the first member left to the caller, how many members and files were\n"
+"made, the files' data bytes, the distinct parent real paths, and, when the batch\n"
 "stopped at a member whose data is not in buf yet, that member's length (else 0).");
 
 static PyObject *extract_files(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t pos;
-    PyObject *dirs, *hashes, *paths;
+    PyObject *dirs, *hashes, *paths, *dir_meta;
     opts o;
-    if (!PyArg_ParseTuple(args, "y*nO!O!O!pLLI", &view, &pos, &PyDict_Type, &dirs,
-                          &PyDict_Type, &hashes, &PySet_Type, &paths, &o.rootless,
-                          &o.euid, &o.egid, &o.umask))
+    if (!PyArg_ParseTuple(args, "y*nO!O!O!O!pLLI", &view, &pos, &PyDict_Type, &dirs,
+                          &PyDict_Type, &hashes, &PySet_Type, &paths, &PyDict_Type, &dir_meta,
+                          &o.rootless, &o.euid, &o.egid, &o.umask))
         return NULL;
     const unsigned char *buf = view.buf;
     Py_ssize_t len = view.len;
     member *ms = PyMem_Malloc(sizeof(member) * MAX_BATCH);
     PyObject *parents = PyList_New(0);
     PyObject *result = NULL;
-    Py_ssize_t need = 0, files = 0;
+    Py_ssize_t need = 0, files = 0, entries = 0;
     long long nbytes = 0;
     if (ms == NULL || parents == NULL) {
         PyErr_NoMemory();
@@ -319,9 +369,16 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
         PyObject *last = NULL;
         for (int i = 0; i < n; i++) {
             if (i < done && !err) {
-                PyObject *d = PyBytes_FromStringAndSize((const char *)ms[i].digest, 32);
-                if (d == NULL || PyDict_SetItem(hashes, ms[i].real, d) < 0 ||
-                    PySet_Add(paths, ms[i].real) < 0)
+                PyObject *d;
+                if (ms[i].kind == 'f')
+                    d = PyBytes_FromStringAndSize((const char *)ms[i].digest, 32);
+                else if (ms[i].kind == 'd')
+                    d = Py_BuildValue("(IL)", ms[i].mode, ms[i].mtime * 1000000000LL);
+                else
+                    d = Py_NewRef(Py_None);
+                if (d == NULL || PySet_Add(paths, ms[i].real) < 0 ||
+                    (ms[i].kind == 'f' && PyDict_SetItem(hashes, ms[i].real, d) < 0) ||
+                    (ms[i].kind == 'd' && PyDict_SetItem(dir_meta, ms[i].real, d) < 0))
                     err = 1;
                 Py_XDECREF(d);
                 if (!err && ms[i].parent_real != last) {
@@ -331,8 +388,11 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
                 }
                 if (!err) {
                     pos = ms[i].end;
-                    files++;
-                    nbytes += ms[i].size;
+                    entries++;
+                    if (ms[i].kind == 'f') {
+                        files++;
+                        nbytes += ms[i].size;
+                    }
                 }
             }
             Py_DECREF(ms[i].real);
@@ -346,7 +406,7 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
         if (stopped)
             break;
     }
-    result = Py_BuildValue("nnLOn", pos, files, nbytes, parents, need);
+    result = Py_BuildValue("nnnLOn", pos, entries, files, nbytes, parents, need);
 out:
     PyMem_Free(ms);
     Py_XDECREF(parents);

@@ -60,7 +60,7 @@ class LayerStats:
     bytes: int = 0
     whiteouts: int = 0
     skipped: int = 0
-    fast: int = 0   # files made by the compiled fast path (also counted in files)
+    fast: int = 0   # entries made by the compiled fast path (also counted above)
 
 
 def fastpath_enabled() -> bool:
@@ -373,13 +373,13 @@ class RootfsWriter:
         anc = self._layer_ancestors
 
         def fast(buf: bytes, pos: int) -> tuple[int, int]:
-            pos, files, nbytes, parents, need = extract(
-                buf, pos, self._fast_dirs, self.hashes, self._layer_paths,
+            pos, entries, files, nbytes, parents, need = extract(
+                buf, pos, self._fast_dirs, self.hashes, self._layer_paths, self.dir_meta,
                 rootless, euid, egid, umask)
-            if files:
-                stats.entries += files
+            if entries:
+                stats.entries += entries
                 stats.files += files
-                stats.fast += files
+                stats.fast += entries
                 stats.bytes += nbytes
                 for p in parents:   # what _mark does for each file's parent
                     while p and p not in anc:
