@@ -1,0 +1,154 @@
+"""Building a bundle from a stored image: staging, records, the atomic rename.
+
+Shared by the drivers that make ``rootfs`` from the store (``objects``,
+``btrfs``).  The bundle is built in a hidden sibling ``.NAME.lamina-PID-XXXX``
+(the name ``lamina unpack`` uses, so a killed unpack's leftovers are reclaimed
+by the next one) and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from lamina import __version__
+from lamina.bundle import (
+    METADATA,
+    SNAPSHOT,
+    UnpackResult,
+    _prepare_target,
+    _remove_stale_stages,
+    _rmtree_quiet,
+    write_json,
+)
+from lamina.drivers.base import ChainLayer, ClaimRequest
+from lamina.errors import BundleError, NotFoundError, UsageError
+from lamina.layer.idmap import IdMapping
+from lamina.layer.snapshot import write_rows
+from lamina.oci import runtime
+from lamina.oci.model import ImageConfig, Manifest
+
+if TYPE_CHECKING:
+    from lamina.store import Store
+
+
+def begin(bundle: str, cleanup: Callable[[str], None] | None = None) -> str:
+    """Check the target and make the staging directory (returned; 0700, empty)."""
+    _prepare_target(bundle)
+    parent = os.path.dirname(bundle)
+    if not os.path.isdir(parent):
+        raise BundleError(f"parent directory {parent} does not exist")
+    if cleanup is not None:
+        _reclaim_with(parent, os.path.basename(bundle), cleanup)
+    _remove_stale_stages(parent, os.path.basename(bundle))
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-{os.getpid()}-",
+                             dir=parent)
+    os.chmod(stage, 0o700)
+    return stage
+
+
+def _reclaim_with(parent: str, name: str, cleanup: Callable[[str], None]) -> None:
+    # a driver whose staging holds things rmtree cannot remove (subvolumes) goes first
+    prefix = f".{name}.lamina-"
+    for e in os.listdir(parent):
+        if not e.startswith(prefix):
+            continue
+        pid_s = e[len(prefix):].partition("-")[0]
+        if pid_s.isdigit() and not _alive(int(pid_s)):
+            cleanup(os.path.join(parent, e))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def complete(stage: str, req: ClaimRequest, driver: str, rootfs_fd: int,
+             snapshot: list[tuple[object, ...]], extra: Mapping[str, Any]) -> None:
+    """Write config.json, lamina.snapshot and lamina.json into *stage*, rename it to
+    ``req.bundle``.  *rootfs_fd* is the finished rootfs (for the user lookup)."""
+    spec = runtime.generate(req.config, rootfs_fd, rootless=req.rootless,
+                            uid_map=req.uid_map, gid_map=req.gid_map,
+                            image_annotations=dict(req.manifest.annotations))
+    if req.read_only:
+        spec.setdefault("root", {})["readonly"] = True
+    write_json(os.path.join(stage, "config.json"), spec)
+    with open(os.path.join(stage, SNAPSHOT), "wb") as f:
+        write_rows(snapshot, f)
+    meta = {
+        "lamina": __version__,
+        "driver": driver,
+        "layout": req.layout.path if req.layout is not None else "",
+        "tag": req.tag,
+        "image": req.image,
+        "store": req.store.path if req.store is not None else "",
+        "manifest": req.manifest.digest,
+        "config": req.config.digest,
+        "diff_ids": [c.diff_id for c in req.chain],
+        "chain_ids": [c.chain_id for c in req.chain],
+        "layers": [c.desc.to_json() for c in req.chain],
+        "read_only": req.read_only,
+        "options": {"rootless": req.rootless, "keep_dirlinks": req.keep_dirlinks,
+                    "uid_map": [str(m) for m in req.uid_map],
+                    "gid_map": [str(m) for m in req.gid_map]},
+        driver: dict(extra),
+    }
+    write_json(os.path.join(stage, METADATA), meta)
+    os.chmod(stage, 0o700 if req.rootless else 0o711)
+    if os.path.isdir(req.bundle):
+        os.rmdir(req.bundle)  # the empty directory the caller gave us
+    os.rename(stage, req.bundle)
+
+
+def abort(stage: str) -> None:
+    _rmtree_quiet(stage)
+
+
+def result(req: ClaimRequest, t0: float, entries: int, files: int, nbytes: int,
+           whiteouts: int, warnings: list[str]) -> UnpackResult:
+    r = UnpackResult(req.bundle, req.manifest.digest, req.config.digest, len(req.chain),
+                     entries, files, nbytes, whiteouts, round(time.monotonic() - t0, 3),
+                     warnings)
+    return r
+
+
+def request_from_meta(bundle: str, meta: Mapping[str, Any], store: Store | None,
+                      driver: str) -> ClaimRequest:
+    """Rebuild the request a bundle was prepared for, from its lamina.json and the
+    store (for :meth:`DriverFactory.open`)."""
+    if store is None:
+        raise UsageError(f"bundle {bundle} was made by the {driver} driver from the store "
+                         f"{meta.get('store') or '?'}",
+                         hint="pass --store with that store")
+    try:
+        mdig, cdig = str(meta["manifest"]), str(meta["config"])
+        manifest = Manifest.from_json(mdig, _json(store.read_blob(mdig)))
+        config = ImageConfig.from_json(cdig, _json(store.read_blob(cdig)))
+        chain = tuple(ChainLayer(d, str(meta["diff_ids"][i]), str(meta["chain_ids"][i]))
+                      for i, d in enumerate(manifest.layers))
+    except (KeyError, IndexError, TypeError) as e:
+        raise BundleError(f"{bundle}/{METADATA}: incomplete {driver} record ({e})") from None
+    except NotFoundError as e:
+        raise NotFoundError(f"bundle {bundle}: {e.message}",
+                            hint="the image was removed from the store") from None
+    o = meta.get("options") or {}
+    return ClaimRequest(manifest, config, chain, bundle,
+                        read_only=bool(meta.get("read_only")), store=store,
+                        image=str(meta.get("image") or ""),
+                        rootless=bool(o.get("rootless")),
+                        uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
+                        gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])),
+                        keep_dirlinks=bool(o.get("keep_dirlinks")))
+
+
+def _json(data: bytes) -> Any:
+    import json
+    return json.loads(data)
