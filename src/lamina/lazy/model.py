@@ -1,0 +1,276 @@
+"""The merged tree of an image, in memory, built from layer indexes alone.
+
+One model (inodes, directory entries, attributes, xattrs, symlink targets,
+hard links) with the layer chain applied exactly as
+:class:`lamina.layer.extract.RootfsWriter` applies it to a disk: parent
+symlinks followed inside the root, implicit parents ``0755 root:root``,
+whiteouts hiding only lower layers whatever their position in the layer,
+opaque directories, a directory entry over a directory updating it in place,
+hard links sharing one inode.  The FUSE adapter (:mod:`lamina.lazy.fuse`)
+only reads this model; no file content is needed to build it.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from lamina.errors import CorruptLayerError, UnsafeLayerError
+from lamina.layer import whiteout as wh
+from lamina.layer.extract import clean_name
+from lamina.lazy.index import LayerIndex, Member
+
+ROOT_INO = 1
+_MAX_SYMLINKS = 40
+_FMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK,
+        "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    ino: int
+    kind: str                   # file, dir, symlink, char, block, fifo
+    mode: int                   # permission bits incl. setuid/setgid/sticky
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0
+    target: str = ""            # symlink target
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    layer: int = -1             # file data: index of its layer, offset, sha256
+    offset: int = 0
+    sha256: str = ""
+    children: dict[str, Node] | None = None     # directories
+    parent: Node | None = None                  # directories: for ".."
+    nlink: int = 1
+
+    @property
+    def st_mode(self) -> int:
+        return _FMT[self.kind] | (0o777 if self.kind == "symlink" else self.mode)
+
+
+class Tree:
+    """The merged tree; :meth:`apply` layers bottom first, then :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._next = ROOT_INO
+        self.root = self._new("dir", 0o755, 0, 0, 0)
+        self.root.parent = self.root
+        self.inodes: dict[int, Node] = {}
+        self._paths: set[str] = set()
+        self._ancestors: set[str] = set()
+
+    def _new(self, kind: str, mode: int, uid: int, gid: int, mtime_ns: int) -> Node:
+        n = Node(self._next, kind, mode, uid, gid, mtime_ns)
+        self._next += 1
+        if kind == "dir":
+            n.children = {}
+        return n
+
+    # -- resolution (mirrors lamina.layer.extract.resolve_scoped) -------------------------
+    def _resolve(self, comps: Sequence[str], create: bool, entry: str,
+                 ) -> tuple[tuple[str, ...], Node] | None:
+        real: list[str] = []
+        nodes: list[Node] = [self.root]
+        todo = list(reversed(comps))
+        links = 0
+        while todo:
+            c = todo.pop()
+            if c == "..":
+                if real:
+                    real.pop()
+                    nodes.pop()
+                continue
+            cur = nodes[-1]
+            assert cur.children is not None
+            n = cur.children.get(c)
+            if n is None:
+                if not create:
+                    return None
+                n = self._new("dir", 0o755, 0, 0, 0)
+                n.parent = cur
+                cur.children[c] = n
+            elif n.kind == "symlink":
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise UnsafeLayerError(f"entry {entry!r}: too many levels of symbolic links",
+                                           hint="the layer contains a symlink loop")
+                if n.target.startswith("/"):
+                    real, nodes = [], [self.root]
+                todo.extend(reversed([p for p in n.target.split("/") if p and p != "."]))
+                continue
+            elif n.kind != "dir":
+                raise CorruptLayerError(
+                    f"entry {entry!r}: path component {'/'.join((*real, c))!r} is not a "
+                    "directory",
+                    hint="the layer writes beneath a non-directory without replacing it")
+            real.append(c)
+            nodes.append(n)
+        return tuple(real), nodes[-1]
+
+    def _mark(self, real: str) -> None:
+        self._paths.add(real)
+        parent = real.rpartition("/")[0]
+        while parent and parent not in self._ancestors:
+            self._ancestors.add(parent)
+            parent = parent.rpartition("/")[0]
+        self._ancestors.add("")
+
+    def _clear_lower(self, d: Node, name: str, real: str) -> None:
+        assert d.children is not None
+        n = d.children.get(name)
+        if n is None:
+            return
+        if real not in self._paths and real not in self._ancestors:
+            del d.children[name]
+            return
+        if n.children is not None:
+            for child in list(n.children):
+                self._clear_lower(n, child, f"{real}/{child}")
+
+    # -- layers -----------------------------------------------------------------------
+    def apply(self, layer: int, members: Sequence[Member]) -> None:
+        self._paths = set()
+        self._ancestors = set()
+        pending: list[tuple[Member, tuple[str, ...]]] = []
+        for m in members:
+            if m.kind == "skip":
+                continue
+            comps = clean_name(m.name)
+            if wh.PREFIX in m.name:
+                if comps and comps[-1].startswith(wh.PREFIX):
+                    self._whiteout(comps, m.name)
+                    continue
+                for c in comps[:-1]:
+                    if c.startswith(wh.PREFIX):
+                        raise UnsafeLayerError(
+                            f"entry {m.name!r} lies beneath a whiteout name {c!r}",
+                            hint="whiteout markers cannot be directories")
+            if not comps:
+                if m.kind != "dir":
+                    raise UnsafeLayerError(f"entry {m.name!r} would replace the root directory")
+                r = self.root
+                r.uid, r.gid, r.mode, r.mtime_ns = m.uid, m.gid, m.mode, m.mtime_ns
+                r.xattrs = dict(m.xattrs)
+                continue
+            got = self._resolve(comps[:-1], True, m.name)
+            assert got is not None
+            preal, parent = got
+            name = comps[-1]
+            self._mark("/".join((*preal, name)))
+            if m.kind == "hardlink":
+                if not self._hardlink(m, parent, name, final=False):
+                    pending.append((m, comps[:-1]))
+                continue
+            self._entry(layer, m, parent, name)
+        for m, pcomps in pending:
+            got = self._resolve(pcomps, True, m.name)
+            assert got is not None
+            self._hardlink(m, got[1], clean_name(m.name)[-1], final=True)
+
+    def _whiteout(self, comps: tuple[str, ...], raw: str) -> None:
+        base = comps[-1]
+        if base == wh.OPAQUE:
+            got = self._resolve(comps[:-1], True, raw)
+            assert got is not None
+            dreal, d = got
+            real = "/".join(dreal)
+            if real:
+                self._mark(real)
+            assert d.children is not None
+            for child in list(d.children):
+                self._clear_lower(d, child, f"{real}/{child}" if real else child)
+            return
+        if base.startswith(wh.META_PREFIX):
+            return
+        target = base[len(wh.PREFIX):]
+        if target in ("", ".", "..") or "/" in target:
+            raise UnsafeLayerError(f"invalid whiteout {raw!r}",
+                                   hint="a whiteout must name one file or directory")
+        try:
+            got = self._resolve(comps[:-1], False, raw)
+        except CorruptLayerError:
+            got = None
+        if got is None:
+            return
+        preal, parent = got
+        self._clear_lower(parent, target, "/".join((*preal, target)))
+
+    def _entry(self, layer: int, m: Member, parent: Node, name: str) -> None:
+        assert parent.children is not None
+        old = parent.children.get(name)
+        if m.kind == "dir" and old is not None and old.kind == "dir":
+            old.uid, old.gid, old.mode, old.mtime_ns = m.uid, m.gid, m.mode, m.mtime_ns
+            old.xattrs = dict(m.xattrs)
+            return
+        if m.kind not in _FMT:
+            raise CorruptLayerError(f"entry {m.name!r}: unknown type {m.kind!r}")
+        n = self._new(m.kind, m.mode, m.uid, m.gid, m.mtime_ns)
+        n.xattrs = dict(m.xattrs)
+        if m.kind == "file":
+            n.size, n.layer, n.offset, n.sha256 = m.size, layer, m.offset, m.sha256
+        elif m.kind == "symlink":
+            n.target = m.linkname
+            n.size = len(m.linkname.encode("utf-8", "surrogateescape"))
+        elif m.kind in ("char", "block"):
+            n.rdev = (m.devmajor, m.devminor)
+        elif m.kind == "dir":
+            n.parent = parent
+        parent.children[name] = n
+
+    def _hardlink(self, m: Member, parent: Node, name: str, final: bool) -> bool:
+        tcomps = clean_name(m.linkname, f"hardlink {m.name!r}: target")
+        if not tcomps:
+            raise UnsafeLayerError(f"hardlink {m.name!r} points at the root directory")
+        got = self._resolve(tcomps[:-1], False, m.name)
+        target = None
+        if got is not None:
+            assert got[1].children is not None
+            target = got[1].children.get(tcomps[-1])
+        if target is None:
+            if not final:
+                return False
+            raise UnsafeLayerError(
+                f"hardlink {m.name!r} -> {m.linkname!r}: target does not exist in the rootfs",
+                hint="a hardlink must point at a file written earlier")
+        if target.kind == "dir":
+            raise UnsafeLayerError(f"hardlink {m.name!r} -> {m.linkname!r} points at a directory")
+        assert parent.children is not None
+        parent.children[name] = target
+        return True
+
+    def finish(self) -> None:
+        """Number the reachable inodes and count links (call after the last layer)."""
+        self.inodes = {}
+        for n in self.walk():
+            if n.ino in self.inodes:
+                n.nlink += 1
+                continue
+            self.inodes[n.ino] = n
+            if n.children is not None:
+                n.nlink = 2 + sum(1 for c in n.children.values() if c.children is not None)
+            else:
+                n.nlink = 1
+
+    def walk(self) -> Iterator[Node]:
+        """Every directory entry's node (a hard-linked node once per link), root first."""
+        stack = [self.root]
+        yield self.root
+        while stack:
+            d = stack.pop()
+            assert d.children is not None
+            for c in d.children.values():
+                yield c
+                if c.children is not None:
+                    c.parent = d
+                    stack.append(c)
+
+
+def build_tree(layers: Sequence[LayerIndex]) -> Tree:
+    t = Tree()
+    for i, li in enumerate(layers):
+        t.apply(i, li.members)
+    t.finish()
+    return t

@@ -1,0 +1,319 @@
+"""Mount an image lazily: index, build the tree, serve it from a background process.
+
+:func:`mount` returns once the mount answers requests: the FUSE file system
+is served by a forked daemon (its own session, stdio on /dev/null) that
+unmounts on SIGTERM/SIGINT/SIGHUP and when the mount is removed from outside
+(``umount DIR``).  With ``writable`` the lazy tree is mounted at
+``STATE/lower`` and kernel overlayfs at the mount point (upper and work
+directories in STATE), so changes land in ``STATE/upper`` and can be repacked.
+
+A record ``RUN/lazy/<hash of the mount point>.json`` (RUN: ``$LAMINA_RUN_DIR``,
+default ``/run/lamina``) names the daemon, so :func:`unmount` can stop it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lamina.errors import EnvironmentError_, LaminaError, NotFoundError, UsageError
+from lamina.lazy.fetch import Fetcher, LookupPlugin
+from lamina.lazy.index import LayerIndex, ensure_index, load_index
+from lamina.lazy.model import Tree, build_tree
+from lamina.oci.layout import ImageRef, OCILayout
+from lamina.oci.model import Platform
+
+
+@dataclass(frozen=True)
+class LazyMountOptions:
+    image: ImageRef
+    mountpoint: str
+    platform: Platform | None = None
+    cache_dir: str | None = None    # keep fetched contents here (default: private, removed)
+    writable: str | None = None     # state dir for an overlayfs upper layer
+    build_index: bool = True        # build missing indexes (else: NotFoundError)
+    stats_file: str | None = None   # JSON fetch counters written at unmount
+    plugins: tuple[LookupPlugin, ...] = ()
+
+
+@dataclass
+class MountResult:
+    mountpoint: str
+    pid: int
+    layers: int
+    entries: int
+    indexes_built: int
+    index_seconds: float
+    tree_seconds: float
+    seconds: float
+    lower: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mountpoint": self.mountpoint, "pid": self.pid, "layers": self.layers,
+                "entries": self.entries, "indexes_built": self.indexes_built,
+                "index_seconds": round(self.index_seconds, 4),
+                "tree_seconds": round(self.tree_seconds, 4), "seconds": round(self.seconds, 4),
+                "lower": self.lower}
+
+
+def run_dir() -> str:
+    return os.path.join(os.environ.get("LAMINA_RUN_DIR", "/run/lamina"), "lazy")
+
+
+def _record_path(mountpoint: str) -> str:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
+    return os.path.join(run_dir(), key + ".json")
+
+
+def index_image(image: ImageRef, platform: Platform | None = None, *, build: bool = True,
+                ) -> tuple[list[LayerIndex], list[dict[str, Any]], int]:
+    """The lazy indexes of every layer of *image* (built when missing and *build*).
+
+    Returns the indexes bottom first, the layer descriptors as JSON, and how
+    many indexes were built now.
+    """
+    layout = OCILayout.open(image.layout)
+    manifest = layout.resolve(image.tag, platform)
+    config = layout.config_for(manifest)
+    if len(config.diff_ids) != len(manifest.layers):
+        raise UsageError(f"{image}: the config lists {len(config.diff_ids)} diff_ids for "
+                         f"{len(manifest.layers)} layers")
+    out: list[LayerIndex] = []
+    built = 0
+    for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+        if build:
+            idx, made = ensure_index(layout, desc, diff_id)
+            built += made
+        else:
+            got = load_index(layout, desc, diff_id)
+            if got is None:
+                raise NotFoundError(f"no lazy index for layer {desc.digest}",
+                                    hint=f"run 'lamina lazy-index {image}' first")
+            idx = got
+        out.append(idx)
+    return out, [d.to_json() for d in manifest.layers], built
+
+
+def _mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == real:
+                return True
+    return False
+
+
+def _umount(path: str, lazy: bool = False) -> bool:
+    cmd = ["umount", *(["-l"] if lazy else []), path]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def mount(opts: LazyMountOptions) -> MountResult:
+    """Mount ``opts.image`` lazily at ``opts.mountpoint`` (see the module doc)."""
+    t0 = time.monotonic()
+    target = os.path.abspath(opts.mountpoint)
+    if not os.path.isdir(target):
+        raise UsageError(f"mount point {target} is not a directory")
+    if _mounted(target):
+        raise UsageError(f"{target} is already a mount point",
+                         hint=f"unmount it first: lamina umount {target}")
+    if not os.path.exists("/dev/fuse"):
+        raise EnvironmentError_("/dev/fuse is missing", hint="load the fuse module (modprobe fuse)")
+    layers, descs, built = index_image(opts.image, opts.platform, build=opts.build_index)
+    t1 = time.monotonic()
+    tree = build_tree(layers)
+    t2 = time.monotonic()
+    fuse_at = target
+    state = ""
+    if opts.writable:
+        state = os.path.abspath(opts.writable)
+        for d in ("lower", "upper", "work"):
+            os.makedirs(os.path.join(state, d), exist_ok=True)
+        fuse_at = os.path.join(state, "lower")
+    own_cache = opts.cache_dir is None
+    cache = opts.cache_dir or tempfile.mkdtemp(prefix="lamina-lazy-", dir="/var/tmp")
+    fetcher = Fetcher(layers, descs, cache, opts.plugins)
+    pid = _spawn(tree, fetcher, fuse_at, target if state else "", own_cache, opts.stats_file)
+    try:
+        if state:
+            up, wk = os.path.join(state, "upper"), os.path.join(state, "work")
+            r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                                f"lowerdir={fuse_at},upperdir={up},workdir={wk}", target],
+                               capture_output=True, text=True)
+            if r.returncode:
+                raise EnvironmentError_(f"cannot mount overlayfs on {target}: "
+                                        f"{r.stderr.strip()}",
+                                        hint="writable lazy mounts need root and overlayfs")
+        os.makedirs(run_dir(), exist_ok=True)
+        with open(_record_path(target), "w") as f:
+            json.dump({"pid": pid, "mountpoint": target, "lower": fuse_at if state else "",
+                       "image": str(opts.image)}, f)
+    except BaseException:
+        _stop(pid, fuse_at)
+        raise
+    return MountResult(target, pid, len(layers), sum(len(li.members) for li in layers), built,
+                       t1 - t0, t2 - t1, time.monotonic() - t0, fuse_at if state else "")
+
+
+def _spawn(tree: Tree, fetcher: Fetcher, fuse_at: str, overlay: str, own_cache: bool,
+           stats_file: str | None) -> int:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        code = 0
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            _serve(tree, fetcher, fuse_at, overlay, w)
+        except BaseException as e:
+            msg = e.message if isinstance(e, LaminaError) else f"{type(e).__name__}: {e}"
+            try:
+                os.write(w, b"E" + msg.encode()[:4000])
+            except OSError:
+                pass
+            code = 1
+        finally:
+            fetcher.close()
+            if stats_file:
+                try:
+                    with open(stats_file, "w") as f:
+                        json.dump(fetcher.stats.to_json(), f)
+                except OSError:
+                    pass
+            if own_cache:
+                shutil.rmtree(fetcher.cache_dir, ignore_errors=True)
+            if overlay:
+                try:
+                    os.unlink(_record_path(overlay))
+                except OSError:
+                    pass
+            else:
+                try:
+                    os.unlink(_record_path(fuse_at))
+                except OSError:
+                    pass
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        data += chunk
+        if data.startswith(b"R"):
+            break
+    os.close(r)
+    if not data.startswith(b"R"):
+        os.waitpid(pid, 0)
+        msg = data[1:].decode(errors="replace") or "the FUSE daemon died before mounting"
+        raise EnvironmentError_(f"cannot mount {fuse_at} with FUSE: {msg}",
+                                hint="check that /dev/fuse is usable (fuse3 installed)")
+    return pid
+
+
+def _serve(tree: Tree, fetcher: Fetcher, fuse_at: str, overlay: str, ready: int) -> None:
+    import pyfuse3
+    import trio
+
+    from lamina.lazy.fuse import LazyOperations
+
+    ops = LazyOperations(tree, fetcher)
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=lamina-lazy", "subtype=lamina", "ro"}
+    if os.geteuid() == 0:
+        options.add("allow_other")   # overlayfs and other users read through it
+    pyfuse3.init(ops, fuse_at, options)
+    mounted = True
+    try:
+        os.write(ready, b"R")
+        os.close(ready)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                async def on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                                   signal.SIGHUP) as sigs:
+                        async for _ in sigs:
+                            if overlay and _mounted(overlay):
+                                # the overlay sits on the FUSE mount: it must go first
+                                await trio.to_thread.run_sync(
+                                    lambda: _umount(overlay) or _umount(overlay, lazy=True))
+                            pyfuse3.terminate()
+                            return
+                nursery.start_soon(on_signal)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno != errno.ESRCH
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop(pid: int, path: str, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+    if _mounted(path):
+        _umount(path) or _umount(path, lazy=True)
+
+
+def unmount(mountpoint: str) -> bool:
+    """Stop the lazy mount at *mountpoint*; False when none is recorded there."""
+    rec = _record_path(mountpoint)
+    try:
+        with open(rec) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return False
+    target = doc["mountpoint"]
+    lower = doc.get("lower") or ""
+    _stop(int(doc["pid"]), lower or target)
+    for p in (target, lower):
+        if p and _mounted(p):
+            _umount(p) or _umount(p, lazy=True)
+    try:
+        os.unlink(rec)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def is_lazy_mount(mountpoint: str) -> bool:
+    return os.path.exists(_record_path(mountpoint))
