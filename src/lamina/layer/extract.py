@@ -77,6 +77,17 @@ class _Pending:
     name: str
 
 
+def _listdir_fresh(dfd: int) -> list[str]:
+    """The names in the directory *dfd*, read through a new open of it: a cached fd
+    opened before entries were added may not list them (btrfs readdir stops at the
+    last index the directory had when that fd was opened)."""
+    fd = os.open(".", _DIR_FLAGS, dir_fd=dfd)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
 def clean_name(name: str, what: str = "entry") -> tuple[str, ...]:
     """Split an archive path into components; refuse ``..`` and empty names."""
     parts = tuple(name.split("/"))
@@ -405,7 +416,7 @@ class RootfsWriter:
             dfd, dreal = got
             real = _join(dreal)
             self._mark_dir_only(real)
-            for child in os.listdir(dfd):
+            for child in _listdir_fresh(dfd):
                 self._clear_lower(dfd, child, f"{real}/{child}" if real else child)
             return
         if base.startswith(wh.META_PREFIX):
