@@ -72,6 +72,8 @@ class UnpackResult:
     whiteouts: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    driver: str = "copy"
+    reused: int = 0             # layers a driver found already extracted in the store
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

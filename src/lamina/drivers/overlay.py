@@ -1,0 +1,460 @@
+"""The ``overlay`` driver: each layer extracted once into the store, bundles
+mounted with overlayfs.
+
+Store side, per ChainID: ``STORE/extract/overlay/<chain id>/diff`` holds that
+one layer in overlayfs's own format (a whiteout is a 0:0 character device, an
+opaque directory carries the ``trusted.overlay.opaque`` xattr).  A layer is
+built by applying its tar through an overlay mount whose lower directories
+are the layers below it and whose upper directory is the new ``diff``
+(containerd's overlay snapshotter does the same): every OCI rule (whiteouts
+hiding only lower layers, hardlinks to lower files, symlinked parents,
+implicit directories) is then the kernel's exact overlay behaviour, and the
+upper directory receives exactly the layer's changes.  The mount is a detached
+one (see :mod:`lamina.drivers.mounts`), so a killed unpack leaves no mount.
+
+Bundle side::
+
+    BUNDLE/
+    ├── rootfs/         overlay mount: lowerdir = the chain (top first),
+    │                   upperdir = BUNDLE/upper, workdir = BUNDLE/work
+    ├── upper/          everything written in the bundle (its changes)
+    ├── work/
+    ├── config.json
+    └── lamina.json     "driver": "overlay", the chain ids and the mount
+
+``lamina umount BUNDLE`` removes the mount (upper stays); ``lamina repack``
+reads the upper directory, so its cost grows with the change, not the image.
+Unprivileged users get fuse-overlayfs for the same mounts.
+
+Images whose lower layers are already extracted cost only their new layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from lamina.drivers import mounts
+from lamina.drivers.base import (
+    Capabilities,
+    ChainLayer,
+    ClaimRequest,
+    Driver,
+    Mount,
+    check_capabilities,
+    fs_type,
+    have_tool,
+    is_root,
+    unsupported,
+)
+from lamina.errors import BundleError, CorruptLayerError, DigestMismatchError, UnsafeLayerError
+from lamina.layer import whiteout as wh
+
+if TYPE_CHECKING:
+    from lamina.bundle import Progress, UnpackResult
+    from lamina.layer.diff import Change
+    from lamina.layer.extract import LayerStats
+    from lamina.store import Store
+
+NAME = "overlay"
+# xattrs overlayfs keeps for itself: never part of a layer
+_OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+
+
+class OverlayDriver(Driver):
+    name = NAME
+
+    def __init__(self, req: ClaimRequest | None = None, *,
+                 meta: Mapping[str, Any] | None = None, store: Store | None = None) -> None:
+        super().__init__(req, meta=meta, store=store)
+        self.stats: list[LayerStats] = []
+        self.reused = 0
+        self.warnings: list[str] = []
+
+    # -- store extractions ----------------------------------------------------------------
+    def _store(self) -> Store:
+        if self.store is None:
+            raise unsupported(NAME, "images outside a store", hint="pass --store")
+        return self.store
+
+    def layer_dir(self, chain_id: str) -> str:
+        return os.path.join(self._store().extraction_dir(NAME, chain_id), "diff")
+
+    def try_skip(self, layer: ChainLayer) -> bool:
+        ex = self._store().extraction(NAME, layer.chain_id)
+        return ex is not None and ex.state == "ready" and os.path.isdir(
+            os.path.join(ex.path, "diff"))
+
+    def extract(self, layer: ChainLayer, index: int) -> None:
+        store = self._store()
+        below = [self.layer_dir(c.chain_id) for c in reversed(self.req.chain[:index])]
+        with store.extraction_lock(NAME, layer.chain_id):
+            if self.try_skip(layer):  # another process built it while we waited
+                self.reused += 1
+                return
+            with store.stage_extraction(NAME, layer.chain_id) as tmp:
+                diff = os.path.join(tmp, "diff")
+                os.mkdir(diff, 0o755)
+                if below:
+                    _copy_root_meta(below[0], diff)
+                    work = os.path.join(tmp, "work")
+                    os.mkdir(work, 0o700)
+                    with self._mounted(below, diff, work, tmp) as root:
+                        self._apply(layer, index, root)
+                    _rmtree(work)
+                else:
+                    self._apply(layer, index, diff)
+
+    @contextlib.contextmanager
+    def _mounted(self, lowers: list[str], upper: str, work: str, tmp: str) -> Iterator[str]:
+        if is_root():
+            with mounts.detached_overlay(lowers, upper, work) as root:
+                yield root
+            return
+        target = os.path.join(tmp, "merged")
+        os.mkdir(target, 0o700)
+        mounts.fuse_overlay(lowers, upper, work, target)
+        try:
+            yield target
+        finally:
+            mounts.unmount(target)
+
+    def _apply(self, layer: ChainLayer, index: int, root: str) -> None:
+        from lamina.layer.compression import LayerPipeline, LayerSource
+        from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
+        from lamina.layer.tarstream import TarReader
+        r = self.req
+        path = self._store().blob_path(layer.desc.digest)
+
+        def opener() -> Any:
+            return open(path, "rb", buffering=0)
+
+        writer = RootfsWriter(root, ExtractOptions(r.rootless, r.uid_map, r.gid_map,
+                                                   r.keep_dirlinks), self.warnings.append)
+        stats = LayerStats()
+        try:
+            with LayerPipeline([LayerSource(layer.desc, layer.diff_id, opener)]) as pipe:
+                stream = pipe.stream(0)
+                reader = TarReader(stream.read)
+                try:
+                    writer.apply(reader, stats)
+                    reader.drain()
+                    stream.finish()
+                except (CorruptLayerError, UnsafeLayerError):
+                    try:
+                        stream.finish()
+                    except DigestMismatchError as d:
+                        raise d from None
+                    except CorruptLayerError:
+                        pass
+                    raise
+            writer.finish()
+        finally:
+            writer.close()
+        self.stats.append(stats)
+
+    # -- the bundle -------------------------------------------------------------------------
+    def prepare(self, progress: Progress | None = None) -> UnpackResult:
+        from lamina import __version__
+        from lamina.bundle import (
+            METADATA,
+            UnpackResult,
+            _prepare_target,
+            _remove_stale_stages,
+            _rmtree_quiet,
+            write_json,
+        )
+        from lamina.oci import runtime
+        r, store = self.req, self._store()
+        t0 = time.monotonic()
+        bundle = os.path.abspath(r.bundle)
+        _prepare_target(bundle)
+        parent = os.path.dirname(bundle)
+        if not os.path.isdir(parent):
+            raise BundleError(f"parent directory {parent} does not exist")
+        _remove_stale_stages(parent, os.path.basename(bundle))
+        if progress is not None:
+            progress.start(sum(c.desc.size for c in r.chain), len(r.chain))
+        with store.session():
+            for i, layer in enumerate(r.chain):
+                if self.try_skip(layer):
+                    self.reused += 1
+                else:
+                    self.extract(layer, i)
+                if progress is not None:
+                    progress.advance(layer.desc.size)
+                    progress.layer_done(i)
+            lowers = [self.layer_dir(c.chain_id) for c in reversed(r.chain)]
+            stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-{os.getpid()}-",
+                                     dir=parent)
+            try:
+                os.chmod(stage, 0o700)
+                for d in ("rootfs", "upper", "work"):
+                    os.mkdir(os.path.join(stage, d), 0o755 if d == "rootfs" else 0o700)
+                if lowers:
+                    _copy_root_meta(lowers[0], os.path.join(stage, "upper"))
+                spec = self._config(lowers, runtime)
+                write_json(os.path.join(stage, "config.json"), spec)
+                target = os.path.join(bundle, "rootfs")
+                mount = Mount("overlay" if is_root() else "fuse.fuse-overlayfs", "overlay",
+                              target, (f"lowerdir={':'.join(lowers)}",
+                                       f"upperdir={os.path.join(bundle, 'upper')}",
+                                       f"workdir={os.path.join(bundle, 'work')}",
+                                       *(f"{k}={v}" for k, v in mounts.OVERLAY_OPTIONS)))
+                meta = {
+                    "lamina": __version__, "driver": NAME, "store": store.path,
+                    "image": r.image, "layout": r.layout.path if r.layout else None,
+                    "tag": r.tag, "manifest": r.manifest.digest, "config": r.config.digest,
+                    "diff_ids": [c.diff_id for c in r.chain],
+                    "chain_ids": [c.chain_id for c in r.chain],
+                    "layers": [c.desc.to_json() for c in r.chain],
+                    "mounts": [mount.to_json()],
+                    "options": {"rootless": r.rootless, "keep_dirlinks": r.keep_dirlinks,
+                                "uid_map": [str(m) for m in r.uid_map],
+                                "gid_map": [str(m) for m in r.gid_map]},
+                }
+                write_json(os.path.join(stage, METADATA), meta)
+                os.chmod(stage, 0o700 if r.rootless else 0o711)
+                if os.path.isdir(bundle):
+                    os.rmdir(bundle)
+                os.rename(stage, bundle)
+            except BaseException:
+                _rmtree_quiet(stage)
+                raise
+            try:
+                self._mount(bundle, lowers)
+                for c in r.chain:
+                    store.set_in_use(NAME, c.chain_id, True)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    mounts.unmount(os.path.join(bundle, "rootfs"))
+                _rmtree_quiet(bundle)
+                raise
+        res = UnpackResult(bundle, r.manifest.digest, r.config.digest, len(r.chain))
+        for s in self.stats:
+            res.entries += s.entries
+            res.files += s.files
+            res.bytes += s.bytes
+            res.whiteouts += s.whiteouts
+        res.driver = NAME
+        res.reused = self.reused
+        res.warnings = self.warnings
+        res.seconds = round(time.monotonic() - t0, 3)
+        return res
+
+    def _config(self, lowers: list[str], runtime: Any) -> dict[str, Any]:
+        # config.json looks the image's user up in /etc/passwd and /etc/group: read
+        # them from a read-only view of the image
+        if len(lowers) == 1:
+            return self._generate(lowers[0], runtime)
+        if len(lowers) > 1 and is_root():
+            mfd = mounts.overlay_fd(lowers)
+            try:
+                return self._generate(mounts.fd_path(mfd), runtime)
+            finally:
+                os.close(mfd)
+        with tempfile.TemporaryDirectory() as tmp:
+            os.mkdir(os.path.join(tmp, "etc"))
+            for n in ("passwd", "group"):
+                src = _lookup(lowers, f"etc/{n}")
+                if src and os.path.isfile(src):
+                    with open(src, "rb") as f, open(os.path.join(tmp, "etc", n), "wb") as o:
+                        o.write(f.read(1 << 20))
+            return self._generate(tmp, runtime)
+
+    def _generate(self, root: str, runtime: Any) -> dict[str, Any]:
+        r = self.req
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            spec: dict[str, Any] = runtime.generate(
+                r.config, fd, rootless=r.rootless, uid_map=r.uid_map, gid_map=r.gid_map,
+                image_annotations=r.manifest.annotations)
+            return spec
+        finally:
+            os.close(fd)
+
+    def _mount(self, bundle: str, lowers: list[str]) -> None:
+        upper, work = os.path.join(bundle, "upper"), os.path.join(bundle, "work")
+        target = os.path.join(bundle, "rootfs")
+        if not lowers:
+            # an image without layers: overlay needs a lower directory
+            lowers = [os.path.join(bundle, "work", "empty")]
+            os.makedirs(lowers[0], exist_ok=True)
+            work = os.path.join(bundle, "work", "w")
+            os.makedirs(work, exist_ok=True)
+        if is_root():
+            mfd = mounts.overlay_fd(lowers, upper, work)
+            try:
+                mounts.attach(mfd, target)
+            finally:
+                os.close(mfd)
+        else:
+            mounts.fuse_overlay(lowers, upper, work, target)
+
+    def mounts(self) -> list[Mount]:
+        return [Mount.from_json(m) for m in self.meta.get("mounts", [])]
+
+    # -- repack ---------------------------------------------------------------------------
+    def delta_list(self, bundle: str) -> list[Change] | None:
+        o = self.meta.get("options", {})
+        from lamina.layer.idmap import IdMapping
+        return upper_changes(os.path.join(bundle, "upper"), rootless=bool(o.get("rootless")),
+                             uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
+                             gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])))
+
+    def refresh(self, bundle: str) -> None:
+        raise unsupported(NAME, "refreshing a bundle after repack",
+                          hint="unpack the new image into a new bundle")
+
+    # -- teardown -------------------------------------------------------------------------
+    def release(self, bundle: str) -> None:
+        mounts.unmount(os.path.join(bundle, "rootfs"))
+        store = self.store
+        if store is None:
+            return
+        # the chain stays a GC root while any other mount still uses one of its layers
+        busy = _mounted_lowers()
+        for cid in self.meta.get("chain_ids", []):
+            if self.layer_dir(cid) in busy:
+                continue
+            with contextlib.suppress(Exception):
+                store.set_in_use(NAME, cid, False)
+
+    def remove(self, bundle: str) -> None:
+        from lamina.bundle import _rmtree_quiet
+        self.release(bundle)
+        _rmtree_quiet(bundle)
+
+
+def _lookup(lowers: list[str], rel: str) -> str:
+    """*rel* in the top-most layer directory that has it ("" when absent or whited out)."""
+    for d in lowers:
+        p = os.path.join(d, rel)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        return "" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else p
+    return ""
+
+
+def _mounted_lowers() -> set[str]:
+    out: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                _, _, rest = line.partition(" - ")
+                for opt in rest.split(" ", 2)[-1].split(","):
+                    if opt.startswith("lowerdir=") or opt.startswith("lowerdir+="):
+                        out.update(opt.split("=", 1)[1].split(":"))
+    except OSError:
+        pass
+    return out
+
+
+def upper_changes(upper: str, *, rootless: bool = False,
+                  uid_map: tuple[Any, ...] = (), gid_map: tuple[Any, ...] = ()) -> list[Change]:
+    """The changes an overlay upper directory records, as layer entries: a 0:0
+    character device is a whiteout, an opaque directory is the directory plus
+    an opaque marker, anything else is a full entry.  Cost: the size of upper."""
+    from lamina.layer.diff import Change, kind_of, read_xattrs, sort_key, unmap_id
+    from lamina.layer.idmap import ROOTLESS_XATTR, decode_rootless
+    from lamina.layer.snapshot import walk
+    out: list[Change] = []
+    for path, st in walk(upper):
+        parent, _, name = path.rpartition("/")
+        if name.startswith(wh.PREFIX):
+            raise BundleError(
+                f"/{path}: names starting with {wh.PREFIX!r} are reserved for whiteouts and "
+                "cannot be stored in a layer", hint="rename or remove the file, then repack")
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            out.append(Change(f"{parent}/{wh.PREFIX}{name}" if parent else wh.PREFIX + name,
+                              "whiteout"))
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            continue
+        full = os.path.join(upper, path)
+        raw = read_xattrs(full)
+        opaque = any(raw.get(n) == b"y" for n in _OPAQUE_XATTRS)
+        xattrs = {k: v for k, v in raw.items() if not k.startswith(_OVERLAY_XATTRS)}
+        uid, gid = unmap_id(st.st_uid, uid_map), unmap_id(st.st_gid, gid_map)
+        if rootless:
+            rx = xattrs.pop(ROOTLESS_XATTR, None)
+            uid, gid = decode_rootless(rx) if rx is not None else (0, 0)
+        c = Change(path, kind_of(st.st_mode), st, uid=uid, gid=gid, xattrs=xattrs)
+        if c.kind == "symlink":
+            c.linkname = os.readlink(full)
+        out.append(c)
+        if opaque and c.kind == "dir":
+            out.append(Change(f"{path}/{wh.OPAQUE}", "opaque"))
+    out.sort(key=lambda c: sort_key(c.path))
+    # files sharing an inode: the first name (in layer order) is the file, the others
+    # hardlinks to it
+    first_of_inode: dict[tuple[int, int], str] = {}
+    for c in out:
+        if c.kind == "file" and c.st is not None and c.st.st_nlink > 1:
+            key = (c.st.st_dev, c.st.st_ino)
+            if key in first_of_inode:
+                c.kind, c.linkname = "hardlink", first_of_inode[key]
+            else:
+                first_of_inode[key] = c.path
+    return out
+
+
+def _copy_root_meta(src: str, dst: str) -> None:
+    """Give *dst* the owner, mode, times and xattrs of *src* (an upper root
+    directory otherwise shadows the image's root with mkdir's defaults)."""
+    st = os.lstat(src)
+    with contextlib.suppress(PermissionError):
+        os.chown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):
+        for n in os.listxattr(src):
+            if not n.startswith(_OVERLAY_XATTRS) and not n.startswith("security.selinux"):
+                with contextlib.suppress(OSError):
+                    os.setxattr(dst, n, os.getxattr(src, n))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _rmtree(path: str) -> None:
+    from lamina.bundle import _rmtree_quiet
+    _rmtree_quiet(path)
+
+
+class OverlayFactory:
+    name = NAME
+    description = ("layers extracted once into the store, bundles mounted with overlayfs "
+                   "(fuse-overlayfs when rootless); repack reads only the changes")
+    capabilities = Capabilities(needs_root=False, rootless_ok=True, needs_store=True,
+                                features=("overlay",), tools=(), mounts=True,
+                                writes=("bundle", "store"))
+
+    def check_here(self, store_path: str | None) -> str | None:
+        reason = check_capabilities(self.capabilities, store_path)
+        if reason:
+            return reason
+        if store_path is not None and fs_type(store_path) == "overlay":
+            return f"the store {store_path} is itself on overlayfs (no upper dir there)"
+        if not is_root():
+            return None if have_tool("fuse-overlayfs") and os.path.exists("/dev/fuse") else (
+                "rootless overlay needs fuse-overlayfs and /dev/fuse")
+        return mounts.overlay_mount_works()
+
+    def claim(self, req: ClaimRequest) -> Driver | None:
+        if req.store is None:
+            if req.forced:
+                raise unsupported(NAME, "images outside a store", hint="pass --store")
+            return None
+        return OverlayDriver(req)
+
+    def open(self, bundle: str, meta: Mapping[str, Any], store: Store | None) -> Driver:
+        return OverlayDriver(meta=meta, store=store)
+
+
+factory = OverlayFactory()
