@@ -341,7 +341,8 @@ def test_hostile_clients_do_not_hurt_or_leak(server: Server, tmp_path: Path) -> 
         _send(s, {"method": "io.lamina.Store.GetLayer",
                   "parameters": {"diff_id": diff_id(_layers()[1])}})
         msg, fds, _, _ = socket.recv_fds(s, 65536, 10)
-        assert b'"stream":0' in msg and len(fds) == 1   # layer b is deterministic: present
+        # layer b is deterministic: present; the stream and the compressed blob
+        assert b'"stream":0' in msg and b'"blob":1' in msg and len(fds) == 2
         for fd in fds:
             os.close(fd)
 

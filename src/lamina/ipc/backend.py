@@ -11,11 +11,15 @@ directory instead and moves no file data.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
+import json
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from lamina.errors import (
     DigestMismatchError,
@@ -29,7 +33,14 @@ from lamina.layer.generate import _compressor, _Sink
 from lamina.oci import mediatypes as mt
 from lamina.oci.layout import OCILayout
 from lamina.oci.model import Descriptor, Platform
-from lamina.stream.splitdirfdstream import StreamWriter, from_tar, read_chunks, write_tar
+from lamina.store.receive import BlobInput
+from lamina.stream.splitdirfdstream import (
+    StreamWriter,
+    from_tar,
+    import_file,
+    read_chunks,
+    write_tar,
+)
 
 Release = Callable[[], None]
 
@@ -56,6 +67,7 @@ class LayerStreamSource(Protocol):
     """One layer about to be sent: the directories its stream refers to, and the stream."""
 
     dirfds: list[int]               # owned by the source; valid until close()
+    blob: BlobInput | None          # the compressed blob, open (owned by the source), if any
 
     def write_to(self, out: BinaryIO) -> str:
         """Write the splitdirfdstream to *out*; return the verified diff_id."""
@@ -70,7 +82,7 @@ class StoreBackend(Protocol):
     def has_layer(self, diff_id: str) -> bool: ...
     def open_layer(self, diff_id: str) -> LayerStreamSource: ...
     def put_layer(self, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: str | None,
-                  compression: str) -> LayerRecord: ...
+                  compression: str, blob: BlobInput | None = None) -> LayerRecord: ...
     def finalize_image(self, tag: str, config: dict[str, Any], layers: list[LayerRecord],
                        annotations: dict[str, str]) -> Descriptor: ...
     def unpack(self, tag: str, bundle: str, platform: Platform | None,
@@ -79,6 +91,40 @@ class StoreBackend(Protocol):
     def hold(self) -> Release:
         """Take the store's shared lock (blocks gc); the returned function releases it."""
         ...
+
+
+def _clone_blob(layout: OCILayout, blob: BlobInput) -> None:
+    """Reflink (or copy) a blob into the layout; it appears only once its digest matched."""
+    st = os.fstat(blob.fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != blob.desc.size:
+        raise DigestMismatchError(f"blob {blob.desc.digest}: not a regular file of "
+                                  f"{blob.desc.size} bytes", hint="the sender's blob is damaged")
+    tmp = f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
+    dfd = os.open(layout.blob_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        import_file(blob.fd, dfd, tmp)
+        try:
+            h = hashlib.sha256()
+            with open(os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd), "rb",
+                      buffering=0) as f:
+                while b := f.read(1 << 20):
+                    h.update(b)
+            if "sha256:" + h.hexdigest() != blob.desc.digest:
+                raise DigestMismatchError(f"blob {blob.desc.digest} does not match its digest",
+                                          hint="the sender's blob is damaged")
+            os.rename(tmp, os.path.basename(layout.blob_path(blob.desc.digest)),
+                      src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
+
+
+class _Discard:
+    def write(self, b: bytes) -> int:
+        return len(b)
 
 
 class Busy(EnvironmentError_):
@@ -98,6 +144,13 @@ class _LayoutLayer:
         self.desc = desc
         self.diff_id = diff_id
         self.dirfds: list[int] = []
+        self.blob: BlobInput | None = None
+        try:
+            fd = os.open(layout.blob_path(desc.digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFoundError(f"layer blob {desc.digest} is missing",
+                                hint="the layout is incomplete") from None
+        self.blob = BlobInput(fd, desc)
 
     def write_to(self, out: BinaryIO) -> str:
         path = self.layout.blob_path(self.desc.digest)
@@ -120,7 +173,9 @@ class _LayoutLayer:
         return digest
 
     def close(self) -> None:
-        pass
+        if self.blob is not None:
+            os.close(self.blob.fd)
+            self.blob = None
 
 
 class LayoutBackend:
@@ -181,12 +236,14 @@ class LayoutBackend:
 
     # -- writing ---------------------------------------------------------------
     def put_layer(self, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: str | None,
-                  compression: str = "gzip") -> LayerRecord:
+                  compression: str = "gzip", blob: BlobInput | None = None) -> LayerRecord:
+        if blob is not None:
+            return self._put_with_blob(stream, dirfds, diff_id, blob)
         media_type = mt.COMPRESSION_LAYER_TYPE.get(compression)
         if media_type is None:
             raise UsageError(f"unknown compression {compression!r}", hint="gzip, zstd or none")
-        with self.layout.blob_writer() as blob:
-            comp = _compressor(compression, _Sink(blob.write))
+        with self.layout.blob_writer() as out:
+            comp = _compressor(compression, _Sink(out.write))
             digest = write_tar(read_chunks(stream), dirfds, comp)
             if compression != "none":
                 comp.close()
@@ -194,8 +251,21 @@ class LayoutBackend:
                 raise DigestMismatchError(
                     f"layer stream reassembles to {digest}, expected diff_id {diff_id}",
                     hint="the stream or the files it references do not match the layer")
-            desc = blob.commit(media_type)
+            desc = out.commit(media_type)
         return LayerRecord(desc, digest)
+
+    def _put_with_blob(self, stream: BinaryIO, dirfds: Sequence[int], diff_id: str | None,
+                       blob: BlobInput) -> LayerRecord:
+        """Keep the sender's compressed blob (its digest is checked while it is copied);
+        the stream is still reassembled and must match *diff_id*."""
+        digest = write_tar(read_chunks(stream), dirfds, cast(BinaryIO, _Discard()))
+        if diff_id is not None and digest != diff_id:
+            raise DigestMismatchError(
+                f"layer stream reassembles to {digest}, expected diff_id {diff_id}",
+                hint="the stream or the files it references do not match the layer")
+        if not self.layout.has_blob(blob.desc.digest):
+            _clone_blob(self.layout, blob)
+        return LayerRecord(blob.desc, digest)
 
     def finalize_image(self, tag: str, config: dict[str, Any], layers: list[LayerRecord],
                        annotations: dict[str, str]) -> Descriptor:
@@ -217,6 +287,22 @@ class LayoutBackend:
         mdesc = self.layout.put_json(manifest, mt.MANIFEST)
         self.layout.set_ref(tag, mdesc)
         return mdesc
+
+    def put_image(self, tag: str, manifest: bytes, config: bytes) -> str:
+        """Tag an image from its documents kept byte for byte (its layers are here)."""
+        from lamina.oci.edit import check_tag
+
+        check_tag(tag)
+        m = json.loads(manifest)
+        for d in m.get("layers", []):
+            if not self.layout.has_blob(str(d.get("digest"))):
+                raise NotFoundError(f"layer blob {d.get('digest')} is not in the layout",
+                                    hint="send it with PutLayer first")
+        self.layout.put_blob(config, str(m["config"]["mediaType"]))
+        mtype = str(m.get("mediaType") or mt.MANIFEST)
+        mdesc = self.layout.put_blob(manifest, mtype)
+        self.layout.set_ref(tag, mdesc)
+        return mdesc.digest
 
     def unpack(self, tag: str, bundle: str, platform: Platform | None,
                rootless: bool) -> dict[str, Any]:

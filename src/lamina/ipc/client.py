@@ -24,6 +24,7 @@ from lamina.ipc.backend import LayerRecord
 from lamina.ipc.protocol import Channel, ProtocolError, VarlinkError, close_all
 from lamina.ipc.store import FDS_PER_REPLY, NAME, make_pipe
 from lamina.oci.model import Descriptor
+from lamina.store.receive import BlobInput
 from lamina.stream.splitdirfdstream import StreamWriter, from_tar, read_chunks, write_tar
 
 _BY_CODE: dict[int, type[LaminaError]] = {
@@ -63,6 +64,7 @@ class RemoteLayer:
 
     stream: int
     dirfds: list[int]
+    blob: BlobInput | None = None   # the compressed blob, when the server sent it
     _final: asyncio.Future[dict[str, Any]] | None = None
 
     async def finished(self) -> dict[str, Any]:
@@ -72,9 +74,10 @@ class RemoteLayer:
         return await self._final
 
     def close(self) -> None:
-        close_all([self.stream, *self.dirfds])
+        close_all([self.stream, *self.dirfds, self.blob.fd if self.blob else -1])
         self.stream = -1
         self.dirfds = []
+        self.blob = None
 
 
 T = TypeVar("T")
@@ -176,6 +179,9 @@ class StoreClient:
         try:
             rep = await anext(gen)
             layer.stream = _fd_at(rep, rep.parameters.get("stream"))
+            if rep.parameters.get("blob") is not None:
+                desc = Descriptor.from_json(rep.parameters.get("descriptor"), "descriptor")
+                layer.blob = BlobInput(_fd_at(rep, rep.parameters["blob"]), desc)
             total = rep.parameters.get("dirfd_count", 0)
             while True:
                 layer.dirfds += [_fd_at(rep, i) for i in rep.parameters.get("dirfds", [])]
@@ -244,17 +250,23 @@ class StoreClient:
         return rec
 
     async def put_layer_fds(self, stream: int, dirfds: Sequence[int] = (), *,
-                            diff_id: str | None = None,
-                            compression: str = "gzip") -> LayerRecord:
-        """Store a layer from an existing stream fd (e.g. one received from another server)."""
-        if len(dirfds) > FDS_PER_REPLY:
+                            diff_id: str | None = None, compression: str = "gzip",
+                            blob: BlobInput | None = None) -> LayerRecord:
+        """Store a layer from an existing stream fd (e.g. one received from another server);
+        with *blob* the server keeps that compressed blob instead of compressing again."""
+        if len(dirfds) > FDS_PER_REPLY - (blob is not None):
             raise errors.UsageError(f"{len(dirfds)} directory fds; PutLayer takes at most "
-                                    f"{FDS_PER_REPLY}")
+                                    f"{FDS_PER_REPLY} (one less with a blob)")
         p: dict[str, Any] = {"stream": 0, "dirfds": list(range(1, len(dirfds) + 1)),
                              "compression": compression}
+        fds = [stream, *dirfds]
+        if blob is not None:
+            p["blob"] = len(fds)
+            p["descriptor"] = blob.desc.to_json()
+            fds.append(blob.fd)
         if diff_id is not None:
             p["diff_id"] = diff_id
-        rep = await self.call(f"{NAME}.PutLayer", p, [stream, *dirfds])
+        rep = await self.call(f"{NAME}.PutLayer", p, fds)
         close_all(rep.fds)
         return LayerRecord.from_json(rep.parameters.get("layer"))
 
@@ -265,11 +277,15 @@ class StoreClient:
         return await self.put_layer(write, diff_id=diff_id, compression=compression)
 
     async def copy_layer_to(self, dest: StoreClient, diff_id: str, *,
-                            compression: str = "gzip") -> LayerRecord:
-        """Forward a layer from this server to *dest* without touching its bytes here."""
+                            compression: str | None = None) -> LayerRecord:
+        """Forward a layer from this server to *dest* without touching its bytes here.
+
+        The compressed blob is forwarded too and kept, unless *compression* asks
+        *dest* to compress the layer again (gzip, zstd or none)."""
         async with self.get_layer(diff_id) as layer:
-            return await dest.put_layer_fds(layer.stream, layer.dirfds, diff_id=diff_id,
-                                            compression=compression)
+            return await dest.put_layer_fds(
+                layer.stream, layer.dirfds, diff_id=diff_id, compression=compression or "gzip",
+                blob=layer.blob if compression is None else None)
 
     async def finalize_image(self, tag: str, config: dict[str, Any],
                              layers: Sequence[LayerRecord],

@@ -22,7 +22,8 @@ from lamina.errors import CorruptLayerError, LaminaError
 from lamina.ipc.backend import Busy, LayerRecord, Release, StoreBackend
 from lamina.ipc.protocol import VarlinkError, close_all
 from lamina.ipc.service import Call, Interface, invalid
-from lamina.oci.model import Platform
+from lamina.oci.model import Descriptor, Platform
+from lamina.store.receive import BlobInput
 
 log = logging.getLogger("lamina.ipc")
 
@@ -30,7 +31,7 @@ NAME = "io.lamina.Store"
 STREAM_IDLE = 120.0         # seconds a pipe may make no progress before we give up
 PIPE_SIZE = 1 << 20
 MAX_HOLDS = 1024
-FDS_PER_REPLY = 239         # + the stream fd = 240, under the kernel's 253
+FDS_PER_REPLY = 239         # + the stream fd = 240, under the kernel's 253 (238 with a blob)
 
 IDL = """\
 # A lamina image store: images, layers and their unpacking.
@@ -78,22 +79,30 @@ method HasLayer(diff_id: string) -> (present: bool)
 
 # Read a layer. stream (fd) is the read end of a pipe carrying the
 # splitdirfdstream; dirfds (fds) are the directories its file chunks name,
-# in order (dirfd_count in all). Over 239 directories need 'more': they are
-# spread over several replies, stream only in the first. Called with 'more',
-# a last reply without fds confirms the diff_id once the whole stream was
-# written, or is an error if producing it failed.
+# in order (dirfd_count in all). Over 239 (238 with a blob) directories
+# need 'more': they are
+# spread over several replies, stream only in the first. blob (fd), when
+# the server has it, is the compressed blob described by descriptor, opened
+# read-only (first reply only). Called with 'more', a last reply without fds
+# confirms the diff_id once the whole stream was written, or is an error if
+# producing it failed.
 method GetLayer(diff_id: string) -> (
   stream: ?int,
   dirfds: []int,
   dirfd_count: ?int,
+  blob: ?int,
+  descriptor: ?Descriptor,
   diff_id: ?string,
   tar_size: ?int
 )
 
 # Store a layer read from the pipe stream (fd) and the directories dirfds
-# (fds, at most 239). The reassembled tar must match diff_id when given.
-# compression: gzip (default), zstd or none.
-method PutLayer(stream: int, dirfds: []int, diff_id: ?string, compression: ?string) -> (
+# (fds, at most 239, 238 with a blob). The reassembled tar must match diff_id when given.
+# With blob (fd of a regular file) and its descriptor, that blob is kept
+# (cloned where the filesystem allows, its digest checked); otherwise the
+# layer is compressed again: compression gzip (default), zstd or none.
+method PutLayer(stream: int, dirfds: []int, diff_id: ?string, compression: ?string,
+                blob: ?int, descriptor: ?Descriptor) -> (
   layer: Layer
 )
 
@@ -351,17 +360,23 @@ class StoreService:
         assert diff_id is not None
         src = await self._run(self.backend.open_layer, diff_id)
         r = w = -1
+        blob: list[int] = []
         try:
             dirfds = [os.dup(fd) for fd in src.dirfds]
+            src_blob: BlobInput | None = getattr(src, "blob", None)     # optional for sources
+            if src_blob is not None:
+                blob.append(os.dup(src_blob.fd))
+                blob_desc = src_blob.desc.to_json()
         except BaseException:
+            close_all(blob)
             src.close()
             raise
         try:
-            if len(dirfds) > FDS_PER_REPLY and not call.more:
+            if len(dirfds) > FDS_PER_REPLY - len(blob) and not call.more:
                 raise VarlinkError("org.varlink.service.ExpectedMore")
             r, w = make_pipe()
         except BaseException:
-            close_all(dirfds)
+            close_all([*dirfds, *blob])
             src.close()
             raise
         loop = asyncio.get_running_loop()
@@ -386,23 +401,27 @@ class StoreService:
                 src.close()
                 self._streams.discard(threading.current_thread())
 
-        first, rest = dirfds[:FDS_PER_REPLY], dirfds[FDS_PER_REPLY:]
+        cut = FDS_PER_REPLY - len(blob)
+        first, rest = dirfds[:cut], dirfds[cut:]
         try:
             t = self._thread(produce)
             t.start()
         except BaseException:
-            close_all([r, w, *dirfds])
+            close_all([r, w, *dirfds, *blob])
             src.close()
             raise
         try:
-            params = {"stream": 0, "dirfds": list(range(1, len(first) + 1)),
-                      "dirfd_count": len(dirfds)}
+            params: dict[str, Any] = {"stream": 0, "dirfds": list(range(1, len(first) + 1)),
+                                      "dirfd_count": len(dirfds)}
+            if blob:
+                params["blob"] = len(first) + 1
+                params["descriptor"] = blob_desc
             if not call.more:
                 # nobody awaits the outcome; the client sees a short stream on failure
                 done.add_done_callback(lambda f: f.cancelled() or f.exception())
-                await call.reply(params, fds=[r, *first])
+                await call.reply(params, fds=[r, *first, *blob])
                 return None
-            await call.reply(params, fds=[r, *first], continues=True)
+            await call.reply(params, fds=[r, *first, *blob], continues=True)
             while rest:
                 part, rest = rest[:FDS_PER_REPLY + 1], rest[FDS_PER_REPLY + 1:]
                 await call.reply({"dirfds": list(range(len(part)))}, fds=part,
@@ -416,19 +435,29 @@ class StoreService:
         diff_id = _str(call, "diff_id", optional=True)
         compression = _str(call, "compression", optional=True) or "gzip"
         idx = call.parameters.get("dirfds", [])
-        if not isinstance(idx, list) or len(idx) > FDS_PER_REPLY or len(set(
+        has_blob = call.parameters.get("blob") is not None
+        if not isinstance(idx, list) or len(idx) > FDS_PER_REPLY - has_blob or len(set(
                 i for i in idx if isinstance(i, int))) != len(idx):
             raise invalid("dirfds")
-        stream = call.take_fd("stream", call.parameters.get("stream"))
+        blob: BlobInput | None = None
+        if call.parameters.get("blob") is not None:
+            try:
+                desc = Descriptor.from_json(call.parameters.get("descriptor"), "descriptor")
+            except LaminaError:
+                raise invalid("descriptor") from None
+            blob = BlobInput(call.take_fd("blob", call.parameters.get("blob")), desc)
+        stream = -1
         dirfds: list[int] = []
         try:
+            stream = call.take_fd("stream", call.parameters.get("stream"))
             for i in idx:
                 dirfds.append(call.take_fd("dirfds", i))
             reader = PipeReader(stream, self.cancel)
+            extra = {"blob": blob} if blob is not None else {}  # older backends lack it
             rec = await self._run(self.backend.put_layer, reader, dirfds,
-                                  diff_id=diff_id, compression=compression)
+                                  diff_id=diff_id, compression=compression, **extra)
         finally:
-            close_all([stream, *dirfds])
+            close_all([stream, *dirfds, blob.fd if blob else -1])
         return {"layer": rec.to_json()}
 
 
