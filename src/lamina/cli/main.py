@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "unpack": "unpack", "repack": "repack", "new": "new", "config": "config",
     "insert": "insert", "tag": "tag", "rm": "tag", "ls": "ls", "stat": "stat",
     "gc": "gc", "pull": "pull", "push": "push", "serve": "serve", "import": "imports",
-    "images": "images", "rmi": "images", "fsck": "fsck", "hooks": "hooks", "copy": "copy", "copy": "copy",
+    "images": "images", "rmi": "images", "fsck": "fsck", "hooks": "hooks", "copy": "copy",
     "mount": "mount", "lazy-index": "mount",
 }
 

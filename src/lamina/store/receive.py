@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -316,10 +317,10 @@ class _Receiver:
     # -- blobs ---------------------------------------------------------------------------
     def stage_blob(self, blob: BlobInput, verify: bool) -> str:
         st = os.fstat(blob.fd)
-        if st.st_size != blob.desc.size:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != blob.desc.size:
             raise DigestMismatchError(
-                f"blob {blob.desc.digest} is {st.st_size} bytes, its descriptor says "
-                f"{blob.desc.size}", hint=_HINT_PEER)
+                f"blob {blob.desc.digest}: not a regular file of {blob.desc.size} bytes",
+                hint=_HINT_PEER)
         tmp, cloned = self._clone(blob.fd)
         if verify:
             h = hashlib.sha256()
