@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "insert": "insert", "tag": "tag", "rm": "tag", "ls": "ls", "stat": "stat",
     "gc": "gc", "pull": "pull", "push": "push", "serve": "serve", "import": "imports",
     "images": "images", "rmi": "images", "fsck": "fsck", "hooks": "hooks", "copy": "copy",
-    "mount": "mount", "lazy-index": "mount",
+    "mount": "mount", "lazy-index": "mount", "umount": "umount", "drivers": "drivers",
 }
 
 
