@@ -22,7 +22,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lamina.errors import EnvironmentError_, LaminaError, NotFoundError, UsageError
@@ -56,14 +56,14 @@ class MountResult:
     tree_seconds: float
     seconds: float
     lower: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    cache: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"mountpoint": self.mountpoint, "pid": self.pid, "layers": self.layers,
                 "entries": self.entries, "indexes_built": self.indexes_built,
                 "index_seconds": round(self.index_seconds, 4),
                 "tree_seconds": round(self.tree_seconds, 4), "seconds": round(self.seconds, 4),
-                "lower": self.lower}
+                "lower": self.lower, "cache": self.cache}
 
 
 def run_dir() -> str:
@@ -163,7 +163,7 @@ def mount(opts: LazyMountOptions) -> MountResult:
         _stop(pid, fuse_at)
         raise
     return MountResult(target, pid, len(layers), sum(len(li.members) for li in layers), built,
-                       t1 - t0, t2 - t1, time.monotonic() - t0, fuse_at if state else "")
+                       t1 - t0, t2 - t1, time.monotonic() - t0, fuse_at if state else "", cache)
 
 
 def _spawn(tree: Tree, fetcher: Fetcher, fuse_at: str, overlay: str, own_cache: bool,
