@@ -137,7 +137,7 @@ def test_tree_matches_full_unpack(tmp_path: Path, run_env: dict[str, str],
     assert os.stat(mnt / "usr/bin/tool").st_ino == os.stat(mnt / "etc/tool-link").st_ino
     assert os.stat(mnt / "usr/bin/tool").st_nlink == 2
     with pytest.raises(OSError) as ei:
-        open(mnt / "etc/new", "w")
+        (mnt / "etc/new").write_text("x")
     assert ei.value.errno == errno.EROFS
     _unmount(mnt, run_env)
 
