@@ -206,11 +206,12 @@ class StoreRootfsWriter(RootfsWriter):
         super().close()
 
     # -- directories of lower layers ------------------------------------------------------
-    def _dir_fd(self, comps: tuple[str, ...], create: bool,
-                entry: str) -> tuple[int, tuple[str, ...]] | None:
-        if self.keep_lower_dirs and comps not in self._fds:
+    def _resolve(self, comps: tuple[str, ...], create: bool,
+                 entry: str) -> tuple[str, ...] | None:
+        # called on a directory-cache miss, before anything is written below comps
+        if self.keep_lower_dirs:
             self._note_lower(comps)
-        return super()._dir_fd(comps, create, entry)
+        return super()._resolve(comps, create, entry)
 
     def _note_lower(self, comps: tuple[str, ...]) -> None:
         # record (mode, mtime) of existing directories before this layer writes into them
