@@ -353,9 +353,9 @@ async def copy_async(opts: CopyOptions) -> CopyResult:
         trust = False       # one store twice: nothing to gain, and keep it simple
     src = await _open_side(src_ep, dest=False)
     try:
+        img = await src.image(src_name)     # before the destination is created
         dst = await _open_side(dst_ep, dest=True)
         try:
-            img = await src.image(src_name)
             res = CopyResult(str(src_ep), str(dst_ep), "", verified=not trust)
             out: list[LayerRecord] = []
             for rec in img.layers:
