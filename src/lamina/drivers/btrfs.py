@@ -224,8 +224,7 @@ class BtrfsDriver(Driver):
         except BaseException:
             delete_tree(stage)
             raise
-        s = self._stats
-        return storebundle.result(req, t0, s.entries, s.files, s.bytes, s.whiteouts, [])
+        return storebundle.result(req, NAME, t0, self._stats, have + 1, [])
 
     def remove(self, bundle: str) -> None:
         self.release(bundle)

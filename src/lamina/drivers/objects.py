@@ -88,6 +88,7 @@ class ObjectsDriver(Driver):
         self.place = PlaceStats()
         self._writer: StoreRootfsWriter | None = None
         self._stats = LayerStats()
+        self.reused = 0                 # layers whose link farm was already there
 
     def prepare(self, progress: Progress | None = None) -> UnpackResult:
         req = self.req
@@ -134,8 +135,7 @@ class ObjectsDriver(Driver):
         except BaseException:
             storebundle.abort(stage)
             raise
-        s = self._stats
-        return storebundle.result(req, t0, s.entries, s.files, s.bytes, s.whiteouts, warnings)
+        return storebundle.result(req, NAME, t0, self._stats, self.reused, warnings)
 
     def extract(self, layer: ChainLayer, index: int) -> None:
         w = self._writer
@@ -150,6 +150,7 @@ class ObjectsDriver(Driver):
         with st.extraction_lock(NAME, layer.chain_id):
             ex = st.extraction(NAME, layer.chain_id)
             if ex is not None and os.path.isdir(ex.path):
+                self.reused += 1
                 w.set_farm(ex.path)
                 try:
                     apply_split(w, split, self._stats)

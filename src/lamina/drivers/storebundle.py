@@ -26,6 +26,7 @@ from lamina.bundle import (
 )
 from lamina.drivers.base import ChainLayer, ClaimRequest
 from lamina.errors import BundleError, NotFoundError, UsageError
+from lamina.layer.extract import LayerStats
 from lamina.layer.idmap import IdMapping
 from lamina.layer.snapshot import write_rows
 from lamina.oci import runtime
@@ -112,12 +113,12 @@ def abort(stage: str) -> None:
     _rmtree_quiet(stage)
 
 
-def result(req: ClaimRequest, t0: float, entries: int, files: int, nbytes: int,
-           whiteouts: int, warnings: list[str]) -> UnpackResult:
-    r = UnpackResult(req.bundle, req.manifest.digest, req.config.digest, len(req.chain),
-                     entries, files, nbytes, whiteouts, round(time.monotonic() - t0, 3),
-                     warnings)
-    return r
+def result(req: ClaimRequest, driver: str, t0: float, stats: LayerStats, reused: int,
+           warnings: list[str]) -> UnpackResult:
+    return UnpackResult(req.bundle, req.manifest.digest, req.config.digest, len(req.chain),
+                        stats.entries, stats.files, stats.bytes, stats.whiteouts,
+                        round(time.monotonic() - t0, 3), warnings, driver=driver,
+                        reused=reused)
 
 
 def request_from_meta(bundle: str, meta: Mapping[str, Any], store: Store | None,
