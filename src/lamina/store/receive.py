@@ -28,6 +28,7 @@ them as garbage, not problems).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -44,6 +45,7 @@ from lamina.oci.model import Descriptor
 from lamina.store.ids import hex_of
 from lamina.store.objects import SMALL, object_name, syncfs
 from lamina.stream.splitdirfdstream import (
+    FICLONE,
     FILE,
     Chunk,
     DataReader,
@@ -213,8 +215,27 @@ class _Receiver:
         return created
 
     def _clone(self, src: int) -> tuple[str, bool]:
+        """A private copy of *src* in staging (FICLONE, else copied); True if cloned."""
         tmp = self.tmpname("recv")
-        return tmp, import_file(src, self.sfd, tmp, mode=0o444)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o444, dir_fd=self.sfd)
+        try:
+            try:
+                fcntl.ioctl(fd, FICLONE, src)
+                cloned = True
+            except OSError:
+                cloned = False      # not reflink-capable, another filesystem, ...
+            if not cloned:
+                os.close(fd)
+                fd = -1
+                os.unlink(tmp, dir_fd=self.sfd)
+                import_file(src, self.sfd, tmp, mode=0o444)
+            elif self.objw._fchmod:
+                os.fchmod(fd, 0o444)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return tmp, cloned
 
     # -- verified ------------------------------------------------------------------------
     def verified(self, stream: BinaryIO, dirfds: Sequence[int], out: StreamWriter) -> str:
