@@ -37,12 +37,14 @@ typedef struct {
     char kind;               /* 'f' file, 'd' directory, 'l' symlink */
     char base[NAME_MAX_LEN + 1];
     char link[101];
+    int dirfd;               /* a directory's fd after creation, for the cache (or -1) */
+    PyObject *key;           /* a directory's archive path: its cache key (new reference) */
     unsigned int mode;
     long long uid, gid, mtime, size;
     const unsigned char *data;
     Py_ssize_t end;          /* offset just past this member (data + padding) */
     PyObject *real;          /* rootfs-relative real path (new reference) */
-    PyObject *parent_real;   /* borrowed from the dirs dict value */
+    PyObject *parent_real;   /* new reference: cache_dir may evict its dict entry */
     unsigned char digest[32];
 } member;
 
@@ -73,7 +75,8 @@ static size_t field_len(const unsigned char *p, size_t n) {
 }
 
 /* Parse one header at buf[pos]; 1 = fast member filled in, 0 = stop (Python's turn),
- * 2 = stop because the member's data is not all in the buffer yet. */
+ * 2 = stop because the member's data is not all in the buffer yet, 3 = stop because
+ * its parent directory is not open (yet: it may be created by this very batch). */
 static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos,
                         PyObject *dirs, int rootless, member *m, Py_ssize_t *need) {
     const unsigned char *h = buf + pos;
@@ -157,7 +160,7 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     PyObject *val = PyDict_GetItemWithError(dirs, key);
     Py_DECREF(key);
     if (val == NULL)
-        return PyErr_Occurred() ? -1 : 0;
+        return PyErr_Occurred() ? -1 : 3;
     if (!PyTuple_Check(val) || PyTuple_GET_SIZE(val) != 2)
         return 0;
     long pfd = PyLong_AsLong(PyTuple_GET_ITEM(val, 0));
@@ -166,6 +169,8 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     if (pfd < 0 || pfd > INT_MAX)
         return 0;
     PyObject *preal = PyTuple_GET_ITEM(val, 1);
+    if (!PyUnicode_Check(preal))
+        return 0;
     PyObject *bstr = PyUnicode_DecodeUTF8(base, (Py_ssize_t)strlen(base), "surrogateescape");
     if (bstr == NULL)
         return -1;
@@ -177,8 +182,17 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     }
     if (m->real == NULL)
         return -1;
+    m->key = NULL;
+    m->dirfd = -1;
+    if (m->kind == 'd') {
+        m->key = PyUnicode_DecodeUTF8(name, (Py_ssize_t)strlen(name), "surrogateescape");
+        if (m->key == NULL) {
+            Py_CLEAR(m->real);
+            return -1;
+        }
+    }
     m->pfd = (int)pfd;
-    m->parent_real = preal;
+    m->parent_real = Py_NewRef(preal);
     strcpy(m->base, base);
     m->data = h + BLOCK;
     m->end = end;
@@ -220,6 +234,7 @@ static int create_other(member *m, const opts *o) {
             unlinkat(m->pfd, m->base, AT_REMOVEDIR);
             return -1;
         }
+        m->dirfd = openat(m->pfd, m->base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         return 0;
     }
     if (symlinkat(m->link, m->pfd, m->base) < 0)
@@ -307,12 +322,45 @@ static int create_members(member *ms, int n, const opts *o) {
     return a.done;
 }
 
+/* Put a directory made by this batch in the caller's cache of open directories,
+ * evicting the oldest entry but the root (always first) when full; evicted fds go to
+ * *stale* for the caller to close between members.  Takes ownership of m->dirfd. */
+static int cache_dir(PyObject *dirs, PyObject *stale, Py_ssize_t limit, member *m) {
+    int fd = m->dirfd;
+    m->dirfd = -1;
+    if (fd < 0)
+        return 0;
+    if (PyDict_GET_SIZE(dirs) > limit) {
+        Py_ssize_t it = 0;
+        PyObject *k = NULL, *v = NULL;
+        while (PyDict_Next(dirs, &it, &k, &v))
+            if (PyUnicode_GET_LENGTH(k) > 0)
+                break;
+        if (k != NULL && PyUnicode_GET_LENGTH(k) > 0 && PyTuple_Check(v)) {
+            if (PyList_Append(stale, PyTuple_GET_ITEM(v, 0)) < 0 || PyDict_DelItem(dirs, k) < 0) {
+                close(fd);
+                return -1;
+            }
+        }
+    }
+    PyObject *val = Py_BuildValue("(iO)", fd, m->real);
+    if (val == NULL || PyDict_SetItem(dirs, m->key, val) < 0) {
+        Py_XDECREF(val);
+        close(fd);
+        return -1;
+    }
+    Py_DECREF(val);
+    return 0;
+}
+
 PyDoc_STRVAR(extract_files_doc,
-"extract_files(buf, pos, dirs, hashes, layer_paths, dir_meta, rootless, euid, egid,\n"
-"              umask) -> (pos, entries, files, nbytes, parents, need)\n\n"
+"extract_files(buf, pos, dirs, stale, limit, hashes, layer_paths, dir_meta, rootless,\n"
+"              euid, egid, umask) -> (pos, entries, files, nbytes, parents, need)\n\n"
 "Create the consecutive plain file, directory and symlink members of the tar data\n"
-"in buf[pos:].  dirs maps an archive parent path ('a/b', '' for the root) to (dir fd,\n"
-"real path); each created member's real path joins layer_paths, a file's gets its\n"
+"in buf[pos:].  dirs maps an archive parent path ('a/b', '' for the root, first) to\n"
+"(dir fd, real path); directories made here are added to it (at most limit + 1\n"
+"entries; evicted fds are appended to stale, for the caller to close).  Each created\n"
+"member's real path joins layer_paths, a file's gets its\n"
 "SHA-256 in hashes, a directory's gets (mode, mtime_ns) in dir_meta.  Returns the\n"
 "offset of the first member left to the caller, how many members and files were\n"
 "made, the files' data bytes, the distinct parent real paths, and, when the batch\n"
@@ -321,11 +369,13 @@ PyDoc_STRVAR(extract_files_doc,
 static PyObject *extract_files(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t pos;
-    PyObject *dirs, *hashes, *paths, *dir_meta;
+    PyObject *dirs, *stale, *hashes, *paths, *dir_meta;
+    Py_ssize_t limit;
     opts o;
-    if (!PyArg_ParseTuple(args, "y*nO!O!O!O!pLLI", &view, &pos, &PyDict_Type, &dirs,
-                          &PyDict_Type, &hashes, &PySet_Type, &paths, &PyDict_Type, &dir_meta,
-                          &o.rootless, &o.euid, &o.egid, &o.umask))
+    if (!PyArg_ParseTuple(args, "y*nO!O!nO!O!O!pLLI", &view, &pos, &PyDict_Type, &dirs,
+                          &PyList_Type, &stale, &limit, &PyDict_Type, &hashes, &PySet_Type,
+                          &paths, &PyDict_Type, &dir_meta, &o.rootless, &o.euid, &o.egid,
+                          &o.umask))
         return NULL;
     const unsigned char *buf = view.buf;
     Py_ssize_t len = view.len;
@@ -343,23 +393,26 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
         goto out;
     }
     for (;;) {
-        int n = 0, stopped = 0;
+        int n = 0, why = 1, made_dirs = 0;
         Py_ssize_t p = pos;
+        need = 0;
         while (n < MAX_BATCH) {
-            int r = parse_member(buf, len, p, dirs, o.rootless, &ms[n], &need);
-            if (r < 0) {
-                for (int i = 0; i < n; i++)
+            why = parse_member(buf, len, p, dirs, o.rootless, &ms[n], &need);
+            if (why < 0) {
+                for (int i = 0; i < n; i++) {
                     Py_DECREF(ms[i].real);
+                    Py_DECREF(ms[i].parent_real);
+                    Py_XDECREF(ms[i].key);
+                }
                 goto out;
             }
-            if (r != 1) {
-                stopped = 1;
+            if (why != 1)
                 break;
-            }
+            made_dirs |= ms[n].kind == 'd';
             p = ms[n].end;
             n++;
         }
-        if (!stopped)
+        if (why != 2)
             need = 0;
         int done;
         Py_BEGIN_ALLOW_THREADS
@@ -378,7 +431,8 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
                     d = Py_NewRef(Py_None);
                 if (d == NULL || PySet_Add(paths, ms[i].real) < 0 ||
                     (ms[i].kind == 'f' && PyDict_SetItem(hashes, ms[i].real, d) < 0) ||
-                    (ms[i].kind == 'd' && PyDict_SetItem(dir_meta, ms[i].real, d) < 0))
+                    (ms[i].kind == 'd' && (PyDict_SetItem(dir_meta, ms[i].real, d) < 0 ||
+                                           cache_dir(dirs, stale, limit, &ms[i]) < 0)))
                     err = 1;
                 Py_XDECREF(d);
                 if (!err && ms[i].parent_real != last) {
@@ -395,15 +449,23 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
                     }
                 }
             }
+            if (ms[i].dirfd >= 0)   /* not cached: made after a failure, or on error */
+                close(ms[i].dirfd);
             Py_DECREF(ms[i].real);
+            Py_XDECREF(ms[i].key);
         }
+        for (int i = 0; i < n; i++)   /* after the loop: 'last' compares these pointers */
+            Py_DECREF(ms[i].parent_real);
         if (err)
             goto out;
         if (done < n) {
             need = 0;   /* a syscall failed: Python redoes that member */
             break;
         }
-        if (stopped)
+        /* stopped at a member inside a directory this batch made: go on with it */
+        if (why == 3 && made_dirs)
+            continue;
+        if (why != 1)
             break;
     }
     result = Py_BuildValue("nnnLOn", pos, entries, files, nbytes, parents, need);
@@ -420,9 +482,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "lamina._fastpath",
-    "Compiled fast path for plain regular files while unpacking (see extract.py).", -1,
-    methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "lamina._fastpath",
+    .m_doc = "Compiled fast path for plain members while unpacking (see extract.py).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) { return PyModule_Create(&module); }

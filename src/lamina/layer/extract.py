@@ -157,10 +157,10 @@ class RootfsWriter:
         self.opts = opts
         self._warn = warn or (lambda _m: None)
         self.root_fd = os.open(root, _DIR_FLAGS)
-        # resolved parent components -> (fd, real components); invalidated on removals
-        self._fds: dict[tuple[str, ...], tuple[int, tuple[str, ...]]] = {}
-        # the same cache keyed by joined archive path, for the fast path: 'a/b' -> (fd, real)
-        self._fast_dirs: dict[str, tuple[int, str]] = {"": (self.root_fd, "")}
+        # open directories by archive path ('a/b') -> (fd, real path); shared with the
+        # fast path, which adds the directories it creates; emptied on removals.  The
+        # root ("") is first, so eviction (oldest first) skips it by position.
+        self._dirs: dict[str, tuple[int, str]] = {"": (self.root_fd, "")}
         self._stale: list[int] = []   # dropped fds that a caller may still be using
         self.dir_meta: dict[str, tuple[int, int]] = {}   # real path -> (mode, mtime_ns)
         self.hashes: dict[str, bytes] = {}                # real path -> sha256 of content
@@ -188,9 +188,9 @@ class RootfsWriter:
     # -- path resolution ------------------------------------------------------
     def _drop_cache(self) -> None:
         # closing now could pull an fd from under a caller; close between entries
-        self._stale.extend(fd for fd, _ in self._fds.values())
-        self._fds.clear()
-        self._fast_dirs = {"": (self.root_fd, "")}
+        self._stale.extend(fd for k, (fd, _) in self._dirs.items() if k)
+        self._dirs.clear()
+        self._dirs[""] = (self.root_fd, "")
 
     def _close_stale(self) -> None:
         for fd in self._stale:
@@ -198,24 +198,22 @@ class RootfsWriter:
         self._stale.clear()
 
     def _dir_fd(self, comps: tuple[str, ...], create: bool,
-                entry: str) -> tuple[int, tuple[str, ...]] | None:
-        """An fd of the directory *comps* resolved inside the rootfs, or None if missing."""
-        if not comps:
-            return self.root_fd, ()
-        hit = self._fds.get(comps)
+                entry: str) -> tuple[int, str] | None:
+        """(fd, real path) of the directory *comps* inside the rootfs, None if missing."""
+        key = _join(comps)
+        hit = self._dirs.get(key)
         if hit is not None:
             return hit
-        real = self._resolve(comps, create, entry)
-        if real is None:
+        rcomps = self._resolve(comps, create, entry)
+        if rcomps is None:
             return None
-        fd = os.open(_join(real), _DIR_FLAGS, dir_fd=self.root_fd) if real else os.dup(
-            self.root_fd)
-        if len(self._fds) >= _FD_CACHE:
-            old = next(iter(self._fds))
-            self._stale.append(self._fds.pop(old)[0])
-            del self._fast_dirs[_join(old)]
-        self._fds[comps] = (fd, real)
-        self._fast_dirs[_join(comps)] = (fd, _join(real))
+        real = _join(rcomps)
+        fd = os.open(real, _DIR_FLAGS, dir_fd=self.root_fd) if real else os.dup(self.root_fd)
+        if len(self._dirs) > _FD_CACHE:
+            it = iter(self._dirs)
+            next(it)                     # the root stays
+            self._stale.append(self._dirs.pop(next(it))[0])
+        self._dirs[key] = (fd, real)
         return fd, real
 
     def _resolve(self, comps: tuple[str, ...], create: bool,
@@ -365,7 +363,7 @@ class RootfsWriter:
             assert got is not None
             pfd, preal = got
             name = comps[-1]
-            real = _join((*preal, name))
+            real = f"{preal}/{name}" if preal else name
             self._mark(real)
             if entry.kind == "hardlink":
                 if not self._hardlink(entry, pfd, name, real, final=False):
@@ -375,7 +373,8 @@ class RootfsWriter:
         for p in pending:
             got = self._dir_fd(p.parent, True, p.entry.name)
             assert got is not None
-            self._hardlink(p.entry, got[0], p.name, _join((*got[1], p.name)), final=True)
+            self._hardlink(p.entry, got[0], p.name, f"{got[1]}/{p.name}" if got[1] else p.name,
+                           final=True)
 
     def _fast_fn(self, stats: LayerStats) -> FastFn:
         assert _fastpath is not None
@@ -385,8 +384,8 @@ class RootfsWriter:
 
         def fast(buf: bytes, pos: int) -> tuple[int, int]:
             pos, entries, files, nbytes, parents, need = extract(
-                buf, pos, self._fast_dirs, self.hashes, self._layer_paths, self.dir_meta,
-                rootless, euid, egid, umask)
+                buf, pos, self._dirs, self._stale, _FD_CACHE, self.hashes, self._layer_paths,
+                self.dir_meta, rootless, euid, egid, umask)
             if entries:
                 stats.entries += entries
                 stats.files += files
@@ -413,8 +412,7 @@ class RootfsWriter:
         if base == wh.OPAQUE:
             got = self._dir_fd(comps[:-1], True, raw_name)
             assert got is not None
-            dfd, dreal = got
-            real = _join(dreal)
+            dfd, real = got
             self._mark_dir_only(real)
             for child in _listdir_fresh(dfd):
                 self._clear_lower(dfd, child, f"{real}/{child}" if real else child)
@@ -432,7 +430,7 @@ class RootfsWriter:
         if got is None:
             return  # whiting out something that does not exist is a no-op
         pfd, preal = got
-        self._clear_lower(pfd, target, _join((*preal, target)))
+        self._clear_lower(pfd, target, f"{preal}/{target}" if preal else target)
 
     def _mark_dir_only(self, real: str) -> None:
         # the opaque directory itself belongs to this layer (its lower children do not)
@@ -564,7 +562,7 @@ class RootfsWriter:
                 hint="a hardlink must point at a file written earlier") from None
         if stat.S_ISDIR(tst.st_mode):
             raise UnsafeLayerError(f"hardlink {e.name!r} -> {e.linkname!r} points at a directory")
-        target_real = _join((*treal, tname))
+        target_real = f"{treal}/{tname}" if treal else tname
         try:
             old = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
