@@ -126,10 +126,17 @@ class SplitTarReader(TarReader):
             yield entry
 
 
-def object_hex(chunk: Chunk) -> str:
-    """The sha256 (hex) an object's name stands for (``ab/cdef...``)."""
+def object_digest(chunk: Chunk) -> bytes | None:
+    """The sha256 a store object's name (``ab/cdef...``) stands for; None for a
+    name that is not a digest (a split made elsewhere)."""
     assert chunk.name is not None
-    return chunk.name.replace(b"/", b"").decode("ascii", "replace")
+    h = chunk.name.replace(b"/", b"")
+    if len(h) != 64:
+        return None
+    try:
+        return bytes.fromhex(h.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def clone_or_copy(src: int, dst: int, size: int, copy_only: bool = False) -> bool:
@@ -240,14 +247,15 @@ class StoreRootfsWriter(RootfsWriter):
         fname = self._farm_inode(e, reader, chunk)
         self._replace(pfd, name, real)
         os.link(fname, name, src_dir_fd=self._farm_fd, dst_dir_fd=pfd, follow_symlinks=False)
-        self.hashes[real] = bytes.fromhex(object_hex(chunk))
+        self._set_hash(real, chunk)
         self.place.linked += 1
         stats.files += 1
         stats.bytes += e.size
 
     def _farm_inode(self, e: TarEntry, reader: TarReader, chunk: Chunk) -> str:
         h = hashlib.sha256(self._farm_key)
-        h.update(f"{object_hex(chunk)}|{e.mode}|{e.uid}|{e.gid}|{e.mtime_ns}".encode())
+        assert chunk.name is not None
+        h.update(chunk.name + f"|{e.mode}|{e.uid}|{e.gid}|{e.mtime_ns}".encode())
         for k in sorted(e.xattrs):
             h.update(b"\0" + k.encode("utf-8", "surrogateescape") + b"=" + e.xattrs[k])
         fname = h.hexdigest()
@@ -289,7 +297,16 @@ class StoreRootfsWriter(RootfsWriter):
         # the stream holds no data for it: the base class applies owner, xattrs, mode
         # and mtime exactly as for an extracted file (and closes fd)
         super()._write_file(e, reader, fd, real, stats)
-        self.hashes[real] = bytes.fromhex(object_hex(chunk))
+        self._set_hash(real, chunk)
+
+    def _set_hash(self, real: str, chunk: Chunk) -> None:
+        # the content was not read here: its hash is the object's name, or unknown
+        # (then repack hashes the file)
+        d = object_digest(chunk)
+        if d is None:
+            self.hashes.pop(real, None)
+        else:
+            self.hashes[real] = d
 
 
 class _quiet_unlink:
