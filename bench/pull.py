@@ -43,6 +43,7 @@ from common import (
     find_corpus,
     fs_type,
     join_markdown,
+    lamina_cmd,
     layout_tags,
     machine_line,
     md_table,
@@ -61,13 +62,6 @@ TOOLS = ("lamina", "skopeo", "lamina-again")
 REGISTRY = "/usr/bin/docker-registry"
 
 
-def lamina_cmd(override: str | None) -> list[str]:
-    if override:
-        return shlex.split(override)
-    for cand in (Path(sys.executable).parent / "lamina", REPO / ".venv" / "bin" / "lamina"):
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return [str(cand)]
-    return [sys.executable, "-m", "lamina"]
 
 
 def free_port() -> int:

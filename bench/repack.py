@@ -44,6 +44,7 @@ from common import (
     find_corpus,
     fs_type,
     join_markdown,
+    lamina_cmd,
     layout_tags,
     machine_line,
     md_table,
@@ -82,17 +83,6 @@ class Case:
 # --------------------------------------------------------------------------- commands
 
 
-def lamina_cmd(override: str | None) -> list[str]:
-    """The lamina console script next to this interpreter, else `python -m lamina`."""
-    if override:
-        return shlex.split(override)
-    for cand in (Path(sys.executable).parent / "lamina", REPO / ".venv" / "bin" / "lamina"):
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return [str(cand)]
-    found = shutil.which("lamina")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "lamina"]
 
 
 def unpack_cmd(tool: str, ref: str, bundle: Path, lamina: list[str],

@@ -36,6 +36,7 @@ from common import (
     find_corpus,
     fs_type,
     join_markdown,
+    lamina_cmd,
     layout_tags,
     machine_line,
     md_table,
@@ -84,17 +85,6 @@ class Case:
 # --------------------------------------------------------------------------- commands
 
 
-def lamina_cmd(override: str | None) -> list[str]:
-    """The lamina console script next to this interpreter, else `python -m lamina`."""
-    if override:
-        return shlex.split(override)
-    for cand in (Path(sys.executable).parent / "lamina", REPO / ".venv" / "bin" / "lamina"):
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return [str(cand)]
-    found = shutil.which("lamina")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "lamina"]
 
 
 def tar_script(layers: Sequence[Layer], dest: Path) -> str:
@@ -314,7 +304,9 @@ def render(cases: Sequence[Case], *, corpus: Path, workdir: Path, repeat: int,
         "inode creation in the next run (`recently_deleted()`), for every tool.",
         "- lamina: `lamina unpack --quiet --image OCI:TAG BUNDLE` (rootfs, config.json, "
         "lamina.json, lamina.snapshot); umoci: `umoci unpack --image OCI:TAG BUNDLE` "
-        "(rootfs, config.json, mtree manifest).",
+        "(rootfs, config.json, mtree manifest).  lamina's modules are byte-compiled before "
+        "the runs, as `pip install` does, and its compiled fast path (`lamina._fastpath`) "
+        "is used.",
         "- tar: raw extraction, `tar -xzf BLOB -C DIR` (`tar --zstd -xf` for zstd) per "
         "layer in order in one `sh -c` (a failing layer does not stop the next); **tar does "
         "not apply whiteouts** and writes no config, so it does less work than a real unpack.",
