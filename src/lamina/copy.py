@@ -38,7 +38,7 @@ from lamina.errors import DigestMismatchError, NotFoundError, UsageError
 from lamina.ipc.backend import LayerRecord, LayoutBackend
 from lamina.ipc.client import StoreClient
 from lamina.ipc.store import make_pipe
-from lamina.ipc.store_backend import LocalStoreBackend
+from lamina.ipc.store_backend import LocalStoreBackend, StoreLayer
 from lamina.oci import mediatypes as mt
 from lamina.oci.layout import ImageRef, OCILayout
 from lamina.oci.model import Descriptor
@@ -92,6 +92,7 @@ class LayerCopy:
     copied_bytes: int | None = None
     present_bytes: int | None = None
     blob_transfer: str | None = None
+    split_cloned: bool | None = None
 
 
 @dataclass
@@ -155,6 +156,17 @@ class _Local:
     @contextlib.asynccontextmanager
     async def open_layer(self, diff_id: str) -> AsyncIterator[_Opened]:
         src = await asyncio.to_thread(self.backend.open_layer, diff_id)
+        if isinstance(src, StoreLayer):
+            # a stored tar-split already is the stream: no producer thread needed
+            try:
+                fd = src.open_stream()
+                try:
+                    yield _Opened(fd, src.dirfds, src.blob)
+                finally:
+                    os.close(fd)
+            finally:
+                src.close()
+            return
         try:
             r, w = make_pipe()
         except BaseException:
@@ -374,6 +386,7 @@ async def copy_async(opts: CopyOptions) -> CopyResult:
                     lc.copied_bytes = stats.copied_bytes
                     lc.present_bytes = stats.present_bytes
                     lc.blob_transfer = stats.blob
+                    lc.split_cloned = stats.split_cloned
                 res.layers.append(lc)
                 out.append(got)
             res.manifest = await dst.finish(dst_name, img, out)

@@ -128,7 +128,7 @@ def test_store_to_store_copy_on_reflink_fs_moves_no_data(reflink_fs: Path,
     assert res["layers_copied"] == 2 and not res["verified"]
     big = sum(len(t) for t in tars) - 2 * MiB      # metadata and small files, generously
     assert res["reflinked_bytes"] >= big and res["copied_bytes"] < 64 << 10
-    assert all(x["blob_transfer"] == "reflinked" for x in res["layers"])
+    assert all(x["blob_transfer"] == "reflinked" and x["split_cloned"] for x in res["layers"])
     assert used < 0.05 * size, f"{used} new bytes for a {size}-byte image"
 
     with Store.open(str(c), create=False) as s:
@@ -137,6 +137,7 @@ def test_store_to_store_copy_on_reflink_fs_moves_no_data(reflink_fs: Path,
         big_objs = [p for p in objs if p.stat().st_size >= MiB]
         assert len(big_objs) == 4 and all(_shared(p) for p in big_objs)
         assert all(_shared(Path(s.blob_path(ly.desc.digest))) for ly in img.layers)
+        assert all(_shared(Path(s.tar_split_path(ly.diff_id))) for ly in img.layers)
     with Store.open(str(a), create=False) as s:
         assert s.image("app:v1").manifest.digest == img.manifest.digest
     _fsck_ok(a)

@@ -59,6 +59,11 @@ class StoreLayer:
             self.close()
             raise
 
+    def open_stream(self) -> int:
+        """The tar-split file itself, opened afresh (in-process copies read it directly, and
+        a trusting receiver on the same filesystem clones it)."""
+        return os.open(f"/proc/self/fd/{self._split}", os.O_RDONLY | os.O_CLOEXEC)
+
     def write_to(self, out: BinaryIO) -> str:
         """Copy the tar-split verbatim; the receiver reassembles and checks the diff_id."""
         off = 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import re
 import stat
@@ -47,6 +48,7 @@ from lamina.store.objects import SMALL, object_name, syncfs
 from lamina.stream.splitdirfdstream import (
     FICLONE,
     FILE,
+    METADATA,
     Chunk,
     DataReader,
     StreamWriter,
@@ -75,6 +77,7 @@ class ReceiveStats:
     copied_bytes: int = 0       # new objects whose data was written
     present_bytes: int = 0      # objects the store already had
     tar_size: int = 0
+    split_cloned: bool = False  # the tar-split itself was cloned, not rewritten
     blob: str = ""              # "reflinked", "copied", "present" or "regenerated"
 
     def to_json(self) -> dict[str, Any]:
@@ -304,11 +307,38 @@ class _Receiver:
         return 0, object_name(hexd)
 
     # -- trusted -------------------------------------------------------------------------
-    def trusted(self, stream: BinaryIO, dirfds: Sequence[int], out: StreamWriter) -> None:
+    def clone_split(self, stream: BinaryIO) -> str | None:
+        """A trusted stream that is a store's tar-split file itself: FICLONE it whole
+        (its bytes are what we would write).  None if it is a pipe or cannot be cloned."""
+        try:
+            fd = stream.fileno()
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or os.lseek(fd, 0, os.SEEK_CUR) != 0:
+                return None
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return None
+        tmp = self.tmpname("split")
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
+                      dir_fd=self.sfd)
+        try:
+            fcntl.ioctl(dst, FICLONE, fd)
+        except OSError:
+            os.unlink(tmp, dir_fd=self.sfd)
+            self.temps.remove(tmp)
+            return None
+        finally:
+            os.close(dst)
+        return tmp
+
+    def trusted(self, stream: BinaryIO, dirfds: Sequence[int],
+                out: StreamWriter | None) -> None:
+        """Clone the objects a store's tar-split names; re-encode it into *out* (None:
+        it was cloned already)."""
         for c in read_chunks(stream):
+            self.stats.tar_size += c.size
             if c.kind != FILE:
                 assert c.data is not None
-                (out.metadata if c.kind == 0 else out.inline)(c.data)
+                if out is not None:
+                    (out.metadata if c.kind == METADATA else out.inline)(c.data)
                 continue
             hexd = object_hex(c)
             if hexd is None:
@@ -332,8 +362,10 @@ class _Receiver:
                 else:
                     self.stats.present_bytes += c.size
             self.refs[hexd] = c.size
-            out.file_ref(c.size, 0, object_name(hexd))
-        out.flush()
+            if out is not None:
+                out.file_ref(c.size, 0, object_name(hexd))
+        if out is not None:
+            out.flush()
 
     # -- blobs ---------------------------------------------------------------------------
     def stage_blob(self, blob: BlobInput, verify: bool) -> str:
@@ -397,19 +429,29 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
         hex_of(diff_id)
     r = _Receiver(store)
     try:
-        split = r.tmpname("split")
-        fd = os.open(split, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
-                     dir_fd=r.sfd)
-        with open(fd, "wb", buffering=_IO) as f:
-            w = StreamWriter(f)
-            if trust_source:
-                r.trusted(stream, dirfds, w)
-                assert diff_id is not None
-                digest = diff_id
-            else:
-                digest = r.verified(stream, dirfds, w)
-            w.flush()
-            r.stats.tar_size = w.tar_size
+        cloned = r.clone_split(stream) if trust_source else None
+        if cloned is not None:
+            split = cloned
+            r.stats.split_cloned = True
+            with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=r.sfd), "rb",
+                      buffering=_IO) as f:
+                r.trusted(f, dirfds, None)
+            assert diff_id is not None
+            digest = diff_id
+        else:
+            split = r.tmpname("split")
+            fd = os.open(split, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
+                         dir_fd=r.sfd)
+            with open(fd, "wb", buffering=_IO) as f:
+                w = StreamWriter(f)
+                if trust_source:
+                    r.trusted(stream, dirfds, w)
+                    assert diff_id is not None
+                    digest = diff_id
+                else:
+                    digest = r.verified(stream, dirfds, w)
+                w.flush()
+                r.stats.tar_size = w.tar_size
         if diff_id is not None and digest != diff_id:
             raise DigestMismatchError(
                 f"layer stream reassembles to {digest}, expected diff_id {diff_id}",
