@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lamina.bundle import METADATA, SNAPSHOT, write_json
+from lamina.drivers.manage import driver_delta, refresh_driver_bundle
 from lamina.errors import BundleError, ImageFormatError
-from lamina.layer.diff import scan
+from lamina.layer.diff import ScanResult, scan
 from lamina.layer.generate import write_layer
 from lamina.layer.idmap import IdMapping
 from lamina.layer.snapshot import read_snapshot, write_rows
@@ -92,12 +93,19 @@ def repack(opts: RepackOptions, warn: Any = None) -> RepackResult:
     cdesc = Descriptor.from_json(manifest.get("config"), "manifest config")
     config = layout.read_json(cdesc)
     o = meta.get("options", {})
-    with open(os.path.join(bundle, SNAPSHOT), "rb") as f:
-        snap = read_snapshot(f)
-    rootfs = os.path.join(bundle, "rootfs")
-    res = scan(rootfs, snap, rootless=bool(o.get("rootless")),
-               uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
-               gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])))
+    # a driver that knows what changed (overlay: its upper dir) saves the full walk
+    delta = driver_delta(bundle, meta)
+    snap: list[tuple[object, ...]] = []
+    if delta is None:
+        with open(os.path.join(bundle, SNAPSHOT), "rb") as f:
+            snap = read_snapshot(f)
+    rootfs = os.path.join(bundle, "rootfs") if delta is None else delta[1]
+    if delta is not None:
+        res = ScanResult(delta[0], [], [])
+    else:
+        res = scan(rootfs, snap, rootless=bool(o.get("rootless")),
+                   uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
+                   gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])))
     warnings = [f"skipping socket /{p}: sockets cannot be stored in a layer"
                 for p in res.skipped_sockets]
     for w in warnings:
@@ -139,6 +147,8 @@ def repack(opts: RepackOptions, warn: Any = None) -> RepackResult:
         hashes = {}
     layout.set_ref(opts.image.tag, mdesc)
     if opts.refresh_bundle:
+        if delta is not None:
+            meta = refresh_driver_bundle(bundle, meta)
         _refresh(bundle, meta, mdesc.digest, opts.image, res.rows, hashes)
     result.seconds = round(time.monotonic() - t0, 3)
     return result

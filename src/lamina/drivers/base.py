@@ -199,6 +199,11 @@ class Driver(ABC):
         faster than a full walk (overlay: the upper dir)."""
         return None
 
+    def delta_root(self, bundle: str) -> str:
+        """The directory the content of :meth:`delta_list`'s changes is read from
+        (paths are relative to it).  Default: the rootfs."""
+        return os.path.join(bundle, "rootfs")
+
     def refresh(self, bundle: str) -> None:
         """Called after ``lamina repack`` made a layer from *bundle*: the current
         rootfs becomes the base the next :meth:`delta_list` compares against.

@@ -13,6 +13,7 @@ from lamina.errors import BundleError, LaminaError
 
 if TYPE_CHECKING:
     from lamina.drivers.base import Driver
+    from lamina.layer.diff import Change
 
 
 def bundle_meta(bundle: str) -> dict[str, Any] | None:
@@ -84,3 +85,27 @@ def describe_drivers(store_path: str | None,
         d["reason"] = reason
         out.append(d)
     return out
+
+
+def driver_delta(bundle: str, meta: dict[str, Any]) -> tuple[list[Change], str] | None:
+    """For repack: the changes the bundle's driver knows and the directory holding
+    their content, or None (walk the rootfs against its snapshot)."""
+    if str(meta.get("driver") or "copy") == "copy":
+        return None
+    with bundle_driver(bundle) as drv:
+        if drv is None:
+            return None
+        changes = drv.delta_list(bundle)
+        return None if changes is None else (changes, drv.delta_root(bundle))
+
+
+def refresh_driver_bundle(bundle: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """For repack --refresh-bundle: let the driver make the current rootfs the new
+    base; returns *meta* with what the driver changed in ``lamina.json``."""
+    with bundle_driver(bundle) as drv:
+        if drv is not None:
+            drv.refresh(bundle)
+    disk = bundle_meta(bundle) or {}
+    # repack's in-memory record of the new image wins; the driver's own keys come from disk
+    return {**disk, **{k: meta[k] for k in ("manifest", "config", "diff_ids", "layers")
+                       if k in meta}}

@@ -107,6 +107,7 @@ class OverlayDriver(Driver):
                     os.mkdir(work, 0o700)
                     with self._mounted(below, diff, work, tmp) as root:
                         self._apply(layer, index, root)
+                        _relink_copied_up(diff, below, root)
                     _rmtree(work)
                 else:
                     self._apply(layer, index, diff)
@@ -201,12 +202,7 @@ class OverlayDriver(Driver):
                     _copy_root_meta(lowers[0], os.path.join(stage, "upper"))
                 spec = self._config(lowers, runtime)
                 write_json(os.path.join(stage, "config.json"), spec)
-                target = os.path.join(bundle, "rootfs")
-                mount = Mount("overlay" if is_root() else "fuse.fuse-overlayfs", "overlay",
-                              target, (f"lowerdir={':'.join(lowers)}",
-                                       f"upperdir={os.path.join(bundle, 'upper')}",
-                                       f"workdir={os.path.join(bundle, 'work')}",
-                                       *(f"{k}={v}" for k, v in mounts.OVERLAY_OPTIONS)))
+                mount = self._mount_record(bundle, lowers)
                 meta = {
                     "lamina": __version__, "driver": NAME, "store": store.path,
                     "image": r.image, "layout": r.layout.path if r.layout else None,
@@ -279,6 +275,15 @@ class OverlayDriver(Driver):
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _mount_record(bundle: str, lowers: list[str]) -> Mount:
+        return Mount("overlay" if is_root() else "fuse.fuse-overlayfs", "overlay",
+                     os.path.join(bundle, "rootfs"),
+                     (f"lowerdir={':'.join(lowers)}",
+                      f"upperdir={os.path.join(bundle, 'upper')}",
+                      f"workdir={os.path.join(bundle, 'work')}",
+                      *(f"{k}={v}" for k, v in mounts.OVERLAY_OPTIONS)))
+
     def _mount(self, bundle: str, lowers: list[str]) -> None:
         upper, work = os.path.join(bundle, "upper"), os.path.join(bundle, "work")
         target = os.path.join(bundle, "rootfs")
@@ -308,9 +313,37 @@ class OverlayDriver(Driver):
                              uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
                              gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])))
 
+    def delta_root(self, bundle: str) -> str:
+        return os.path.join(bundle, "upper")
+
     def refresh(self, bundle: str) -> None:
-        raise unsupported(NAME, "refreshing a bundle after repack",
-                          hint="unpack the new image into a new bundle")
+        """The repacked changes become a bundle-private lower layer (the snapshotter's
+        commit): the upper directory moves to ``BUNDLE/layers/N`` and a fresh one
+        starts, so the next repack again costs only its own changes."""
+        from lamina.bundle import METADATA, write_json
+        meta = dict(self.meta)
+        own = [str(x) for x in meta.get("bundle_lowers", [])]
+        upper, work = os.path.join(bundle, "upper"), os.path.join(bundle, "work")
+        layers = os.path.join(bundle, "layers")
+        os.makedirs(layers, 0o700, exist_ok=True)
+        new_lower = os.path.join(layers, str(len(own)))
+        target = os.path.join(bundle, "rootfs")
+        was_mounted = mounts.is_mountpoint(target)
+        mounts.unmount(target)
+        os.rename(upper, new_lower)
+        os.mkdir(upper, 0o700)
+        _copy_root_meta(new_lower, upper)
+        _rmtree(work)
+        os.mkdir(work, 0o700)
+        own.insert(0, new_lower)
+        lowers = own + [self.layer_dir(str(c)) for c in reversed(meta.get("chain_ids", []))]
+        meta["bundle_lowers"] = own
+        meta["mounts"] = [self._mount_record(bundle, lowers).to_json()]
+        write_json(os.path.join(bundle, METADATA + ".tmp"), meta)
+        os.rename(os.path.join(bundle, METADATA + ".tmp"), os.path.join(bundle, METADATA))
+        self.meta = meta
+        if was_mounted:
+            self._mount(bundle, lowers)
 
     # -- teardown -------------------------------------------------------------------------
     def release(self, bundle: str) -> None:
@@ -342,6 +375,44 @@ def _lookup(lowers: list[str], rel: str) -> str:
             continue
         return "" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else p
     return ""
+
+
+def _relink_copied_up(upper: str, lowers: list[str], merged: str) -> None:
+    """Keep lower hardlink groups whole.  A layer that links a new name to a lower
+    file makes overlayfs copy that file up (index=off: one name only), which
+    would split the lower file's other names off the group; give them the
+    copied-up inode too, as applying the layer to a plain directory would."""
+    from lamina.layer.snapshot import walk
+    names_by_layer: dict[str, dict[int, list[str]]] = {}
+    for path, st in walk(upper):
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            continue
+        for d in lowers:
+            try:
+                lst = os.lstat(os.path.join(d, path))
+            except FileNotFoundError:
+                continue
+            break
+        else:
+            continue
+        if not stat.S_ISREG(lst.st_mode) or lst.st_nlink < 2:
+            continue
+        if d not in names_by_layer:
+            groups: dict[int, list[str]] = {}
+            for p, s in walk(d):
+                if stat.S_ISREG(s.st_mode) and s.st_nlink > 1:
+                    groups.setdefault(s.st_ino, []).append(p)
+            names_by_layer[d] = groups
+        for other in names_by_layer[d].get(lst.st_ino, []):
+            if other == path or os.path.lexists(os.path.join(upper, other)):
+                continue
+            try:
+                if os.lstat(os.path.join(merged, other)).st_ino != lst.st_ino:
+                    continue  # shadowed by a layer in between
+            except FileNotFoundError:
+                continue
+            os.unlink(os.path.join(merged, other))
+            os.link(os.path.join(merged, path), os.path.join(merged, other))
 
 
 def _mounted_lowers() -> set[str]:
