@@ -4,7 +4,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-APT_PKGS := gcc libssl-dev libfuse3-dev pkg-config fuse3 fuse-overlayfs umoci skopeo runc attr tar gzip zstd util-linux docker-registry btrfs-progs xfsprogs e2fsprogs
+APT_PKGS := gcc libssl-dev libfuse3-dev pkg-config fuse3 fuse-overlayfs umoci skopeo runc attr tar gzip zstd util-linux docker-registry btrfs-progs xfsprogs e2fsprogs jq
 STAMP   := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit integration bench apt-deps clean

@@ -32,9 +32,11 @@ from lamina.errors import (
     BundleError,
     CorruptLayerError,
     DigestMismatchError,
+    HookError,
     NotFoundError,
     UnsafeLayerError,
 )
+from lamina.hooks import HookOptions, HookRunner
 from lamina.layer.compression import LayerPipeline, LayerSource
 from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
 from lamina.layer.idmap import IdMapping
@@ -58,6 +60,7 @@ class UnpackOptions:
     uid_map: tuple[IdMapping, ...] = ()
     gid_map: tuple[IdMapping, ...] = ()
     keep_dirlinks: bool = False
+    hooks: HookOptions | None = None    # None: no hooks (the CLI reads the hooks.toml files)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class UnpackResult:
     warnings: list[str] = field(default_factory=list)
     driver: str = "copy"
     reused: int = 0             # layers a driver found already extracted in the store
+    skipped: int = 0            # bottom layers a layer.try-skip hook provided
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -100,8 +104,7 @@ def _prepare_target(bundle: str) -> None:
 
 def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResult:
     t0 = time.monotonic()
-    layout = OCILayout.open(opts.image.layout)
-    manifest = layout.resolve(opts.image.tag, opts.platform)
+    layout, manifest = resolve_image(opts.image, opts.platform, _hook_runner(opts))
     cfg = layout.config_for(manifest)
     return unpack_resolved(layout, manifest, cfg, opts, progress, t0=t0)
 
@@ -134,10 +137,15 @@ def unpack_resolved(layout: OCILayout, manifest: Manifest, cfg: ImageConfig,
         os.chmod(stage, 0o700)
         rootfs = os.path.join(stage, "rootfs")
         os.mkdir(rootfs, 0o755)
+        hooks = _hook_runner(opts)
+        hook_doc = _hook_doc(opts, bundle, rootfs, manifest) if hooks.hooks else {}
+        # before the writer opens the rootfs: a hook may have replaced the directory
+        result.skipped = _hook_try_skip(hooks, hook_doc, manifest.layers, cfg.diff_ids)
         writer = RootfsWriter(rootfs, ExtractOptions(opts.rootless, opts.uid_map, opts.gid_map,
                                                      opts.keep_dirlinks), warn)
         try:
-            _apply_layers(layout, manifest.layers, cfg.diff_ids, writer, result, prog)
+            _apply_layers(layout, manifest.layers, cfg.diff_ids, writer, result, prog,
+                          hooks=hooks, hook_doc=hook_doc, skip=result.skipped)
             # snapshot while every directory is still owner-accessible (rootless: a 0000
             # directory cannot be walked after its mode is applied), then fix up dirs
             snap = take_snapshot(rootfs, writer.hashes)
@@ -178,13 +186,22 @@ def unpack_resolved(layout: OCILayout, manifest: Manifest, cfg: ImageConfig,
 
 
 def _apply_layers(layout: OCILayout, layers: Any, diff_ids: tuple[str, ...],
-                  writer: RootfsWriter, result: UnpackResult, prog: Progress) -> None:
-    sources = [LayerSource(d, diff_ids[i], _opener(layout, d)) for i, d in enumerate(layers)]
-    prog.start(sum(d.size for d in layers), len(layers))
+                  writer: RootfsWriter, result: UnpackResult, prog: Progress, *,
+                  hooks: HookRunner | None = None, hook_doc: dict[str, Any] | None = None,
+                  skip: int = 0) -> None:
+    """Apply ``layers[skip:]`` (the ones below were provided by a try-skip hook)."""
+    sources = [LayerSource(d, diff_ids[i], _opener(layout, d))
+               for i, d in enumerate(layers) if i >= skip]
+    prog.start(sum(d.size for d in layers[skip:]), len(layers))
+    for i in range(skip):
+        prog.layer_done(i)
     with LayerPipeline(sources, prog.advance) as pipe:
-        for i, _src in enumerate(sources):
-            stream = pipe.stream(i)
+        for j, _src in enumerate(sources):
+            i = j + skip
+            stream = pipe.stream(j)
             stats = LayerStats()
+            if hooks is not None and hook_doc is not None:
+                _hook_layer(hooks, "layer.pre-extract", hook_doc, layers, diff_ids, i)
             try:
                 reader = TarReader(stream.read)
                 writer.apply(reader, stats)
@@ -206,7 +223,102 @@ def _apply_layers(layout: OCILayout, layers: Any, diff_ids: tuple[str, ...],
             result.files += stats.files
             result.bytes += stats.bytes
             result.whiteouts += stats.whiteouts
+            if hooks is not None and hook_doc is not None:
+                _hook_layer(hooks, "layer.post-extract", hook_doc, layers, diff_ids, i)
             prog.layer_done(i)
+
+
+# -- hooks (see lamina.hooks and docs/plugins.md) ---------------------------------------
+
+def _hook_runner(opts: UnpackOptions) -> HookRunner:
+    return HookRunner.load(opts.hooks) if opts.hooks is not None else HookRunner([])
+
+
+def resolve_image(ref: ImageRef, platform: Platform | None,
+                  hooks: HookRunner) -> tuple[OCILayout, Manifest]:
+    """The layout and manifest *ref* names; when it is not there, a ``lookup`` hook
+    may answer with another ``LAYOUT[:TAG]`` holding it (first line of stdout)."""
+    try:
+        layout = OCILayout.open(ref.layout)
+        return layout, layout.resolve(ref.tag, platform)
+    except NotFoundError as missing:
+        if not hooks.configured("lookup"):
+            raise
+        r = hooks.run("lookup", {"image": f"{ref.layout}:{ref.tag}", "layout": ref.layout,
+                                 "tag": ref.tag,
+                                 "platform": str(platform) if platform else None})
+        if r.status != "handled":
+            raise
+        lines = r.stdout.decode("utf-8", "replace").strip().splitlines()
+        answer = lines[0].strip() if lines else ""
+        if not answer:
+            raise HookError(f"lookup hook {r.hook} answered 'handled' with no image",
+                            hint="print LAYOUT[:TAG] on stdout, or exit 3 to decline"
+                            ) from missing
+        found = ImageRef.parse(answer)
+        if ":" not in answer.rpartition("/")[2]:
+            found = ImageRef(found.layout, ref.tag)  # no tag in the answer: the one asked
+        try:
+            layout = OCILayout.open(found.layout)
+            return layout, layout.resolve(found.tag, platform)
+        except NotFoundError as e:
+            raise HookError(f"lookup hook {r.hook} answered {answer!r}, which does not hold "
+                            f"the image: {e.message}", hint="fix the lookup hook") from None
+
+
+def _hook_doc(opts: UnpackOptions, bundle: str, rootfs: str,
+              manifest: Manifest) -> dict[str, Any]:
+    return {"bundle": bundle, "rootfs": rootfs, "manifest": manifest.digest,
+            "annotations": dict(manifest.annotations or {}),
+            "options": {"rootless": opts.rootless,
+                        "uid_map": [str(m) for m in opts.uid_map],
+                        "gid_map": [str(m) for m in opts.gid_map]}}
+
+
+def _layer_doc(doc: dict[str, Any], layers: Any, diff_ids: tuple[str, ...],
+               i: int) -> dict[str, Any]:
+    from lamina.store.ids import chain_ids
+    return dict(doc, layer=layers[i].to_json(), index=i, diff_id=diff_ids[i],
+                chain_id=chain_ids(diff_ids[:i + 1])[-1])
+
+
+def _hook_try_skip(hooks: HookRunner, doc: dict[str, Any], layers: Any,
+                   diff_ids: tuple[str, ...]) -> int:
+    """How many bottom layers a ``layer.try-skip`` hook put in the (empty) rootfs.
+
+    Asked from the top layer down: the first hook answering ``handled`` for
+    layer *i* has filled the rootfs with the image's tree up to and including
+    *i* (the tree its chain id names), so only the layers above are extracted.
+    Hooks are trusted configuration: lamina cannot verify a tree it did not
+    extract, and reads no blob of the skipped layers.
+    """
+    if not hooks.configured("layer.try-skip"):
+        return 0
+    rootfs = doc["rootfs"]
+    for i in reversed(range(len(layers))):
+        r = hooks.run("layer.try-skip", dict(_layer_doc(doc, layers, diff_ids, i),
+                                             scope="chain"))
+        try:
+            st = os.lstat(rootfs)
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise HookError(f"layer.try-skip hook {r.hook or ''} left {rootfs} missing or "
+                            "not a directory",
+                            hint="leave a directory (not a symlink) at the rootfs path")
+        if r.status == "handled":
+            return i + 1
+        if os.listdir(rootfs):
+            raise HookError(f"a layer.try-skip hook declined layer {i + 1} but left files "
+                            f"in {rootfs}",
+                            hint="a declining hook must leave the rootfs as it found it")
+    return 0
+
+
+def _hook_layer(hooks: HookRunner, event: str, doc: dict[str, Any], layers: Any,
+                diff_ids: tuple[str, ...], i: int) -> None:
+    if hooks.configured(event):
+        hooks.run(event, _layer_doc(doc, layers, diff_ids, i))
 
 
 def _opener(layout: OCILayout, desc: Any) -> Callable[[], Any]:

@@ -19,6 +19,7 @@ from typing import Any
 from lamina.bundle import METADATA, SNAPSHOT, write_json
 from lamina.drivers.manage import driver_delta, refresh_driver_bundle
 from lamina.errors import BundleError, ImageFormatError
+from lamina.hooks import HookOptions, HookRunner, parse_paths
 from lamina.layer.diff import ScanResult, scan
 from lamina.layer.generate import write_layer
 from lamina.layer.idmap import IdMapping
@@ -39,6 +40,7 @@ class RepackOptions:
     comment: str | None = None
     refresh_bundle: bool = False
     source_date_epoch: int | None = None
+    hooks: HookOptions | None = None    # None: no hooks (the CLI reads the hooks.toml files)
 
 
 @dataclass
@@ -100,12 +102,15 @@ def repack(opts: RepackOptions, warn: Any = None) -> RepackResult:
         with open(os.path.join(bundle, SNAPSHOT), "rb") as f:
             snap = read_snapshot(f)
     rootfs = os.path.join(bundle, "rootfs") if delta is None else delta[1]
+    hooks = HookRunner.load(opts.hooks) if opts.hooks is not None else HookRunner([])
+    hook_doc = _hook_doc(bundle, meta, manifest)
     if delta is not None:
         res = ScanResult(delta[0], [], [])
     else:
         res = scan(rootfs, snap, rootless=bool(o.get("rootless")),
                    uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
-                   gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])))
+                   gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])),
+                   only=_hook_delta_list(hooks, hook_doc))
     warnings = [f"skipping socket /{p}: sockets cannot be stored in a layer"
                 for p in res.skipped_sockets]
     for w in warnings:
@@ -145,6 +150,10 @@ def repack(opts: RepackOptions, warn: Any = None) -> RepackResult:
         hashes = gen.hashes
     else:
         hashes = {}
+    if opts.refresh_bundle:
+        # before the tag moves: a failing hook leaves the layout's refs and the bundle as
+        # they were (the new blobs are unreferenced until then; lamina gc drops them)
+        _hook_refresh(hooks, hook_doc, mdesc.digest, result)
     layout.set_ref(opts.image.tag, mdesc)
     if opts.refresh_bundle:
         if delta is not None:
@@ -152,6 +161,42 @@ def repack(opts: RepackOptions, warn: Any = None) -> RepackResult:
         _refresh(bundle, meta, mdesc.digest, opts.image, res.rows, hashes)
     result.seconds = round(time.monotonic() - t0, 3)
     return result
+
+
+def _hook_doc(bundle: str, meta: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields every repack hook gets (see docs/plugins.md)."""
+    annotations: dict[str, Any] = {}
+    if isinstance(manifest.get("annotations"), dict):
+        annotations.update(manifest["annotations"])
+    try:
+        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as f:
+            spec = json.load(f)
+        if isinstance(spec, dict) and isinstance(spec.get("annotations"), dict):
+            annotations.update(spec["annotations"])
+    except (OSError, ValueError):
+        pass  # a bundle without a runtime config can still be repacked
+    return {"bundle": bundle, "rootfs": os.path.join(bundle, "rootfs"),
+            "snapshot": os.path.join(bundle, SNAPSHOT), "manifest": meta["manifest"],
+            "layers": meta.get("layers", []), "diff_ids": meta.get("diff_ids", []),
+            "annotations": annotations}
+
+
+def _hook_delta_list(hooks: HookRunner, doc: dict[str, Any]) -> list[str] | None:
+    """The changed paths a ``repack.delta-list`` hook knows, or None: scan everything."""
+    if not hooks.configured("repack.delta-list"):
+        return None
+    r = hooks.run("repack.delta-list", doc)
+    if r.status != "handled":
+        return None
+    return parse_paths(r.stdout, source=f"repack.delta-list hook {r.hook}")
+
+
+def _hook_refresh(hooks: HookRunner, doc: dict[str, Any], manifest: str,
+                  result: RepackResult) -> None:
+    if hooks.configured("repack.refresh-bundle"):
+        hooks.run("repack.refresh-bundle", dict(
+            doc, previous_manifest=doc["manifest"], manifest=manifest, new_layer=result.layer,
+            new_diff_id=result.diff_id))
 
 
 def _refresh(bundle: str, meta: dict[str, Any], manifest: str, ref: ImageRef,

@@ -6,8 +6,10 @@ import argparse
 import os
 from typing import Any
 
+from lamina.cli.hooks import hooks_arg
 from lamina.cli.ui import UI
 from lamina.errors import UsageError
+from lamina.hooks import HookOptions
 from lamina.oci.layout import ImageRef
 from lamina.repack import RepackOptions, repack
 
@@ -29,6 +31,7 @@ def register(sub: Any) -> None:
     p.add_argument("--refresh-bundle", action="store_true",
                    help="update the bundle so that it can be repacked again on top of the "
                         "new image")
+    hooks_arg(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("bundle", metavar="BUNDLE")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
         image=ImageRef.parse(args.image), bundle=args.bundle, compression=args.compress,
         history=not args.no_history, created_by=args.created_by, author=args.author,
         comment=args.comment, refresh_bundle=args.refresh_bundle,
-        source_date_epoch=source_date_epoch_env())
+        source_date_epoch=source_date_epoch_env(), hooks=HookOptions(files=tuple(args.hooks)))
     res = repack(opts, ui.warn)
     if args.json:
         ui.emit_json(res.to_json())

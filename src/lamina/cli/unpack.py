@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from lamina.bundle import UnpackOptions, UnpackResult, unpack
+from lamina.cli.hooks import hooks_arg
 from lamina.cli.ui import UI
+from lamina.hooks import HookOptions
 from lamina.layer.idmap import IdMapping
 from lamina.oci.layout import ImageRef
 from lamina.oci.model import Platform
@@ -40,6 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument("--keep-dirlinks", action="store_true",
                    help="keep existing symlinks to directories when a layer has a directory "
                         "at that path (like tar --keep-directory-symlink)")
+    hooks_arg(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory to create")
@@ -80,6 +83,7 @@ def _run_plain(args: argparse.Namespace, ui: UI) -> int:
         uid_map=tuple(IdMapping.parse(m) for m in args.uid_map),
         gid_map=tuple(IdMapping.parse(m) for m in args.gid_map),
         keep_dirlinks=args.keep_dirlinks,
+        hooks=HookOptions(files=tuple(args.hooks)),
     )
     res = unpack(opts, ui.progress("unpacking"))
     _report(args, ui, str(opts.image), res)

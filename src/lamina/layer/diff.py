@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 from lamina.errors import BundleError
@@ -76,8 +76,25 @@ def kind_of(mode: int) -> str:
 
 
 def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = False,
-         uid_map: tuple[IdMapping, ...] = (), gid_map: tuple[IdMapping, ...] = ()) -> ScanResult:
+         uid_map: tuple[IdMapping, ...] = (), gid_map: tuple[IdMapping, ...] = (),
+         only: Collection[str] | None = None) -> ScanResult:
+    """The changes of *rootfs* against *snapshot*.
+
+    *only* (a ``repack.delta-list`` hook's answer) restricts the scan to those
+    rootfs-relative paths, everything below them and their parent directories
+    (whose mtime an added or removed child changes, as a full scan would see);
+    every other path is taken as unchanged and keeps its snapshot row.  A
+    listed path that is gone is a removal.  The root is always compared.
+    """
     old = {str(r[0]): r for r in snapshot}
+    kept: list[tuple[object, ...]] = []
+    if only is not None:
+        scope = set(only)
+        parents = {a for p in scope for a in _ancestors(p)} - scope
+        kept = [r for p, r in old.items()
+                if p and p not in parents and not _in_scope(p, scope)]
+        old = {p: r for p, r in old.items()
+               if not p or p in parents or _in_scope(p, scope)}
     seen: set[str] = set()
     changed: list[tuple[str, os.stat_result]] = []
     opaque_dirs: list[str] = []
@@ -98,7 +115,7 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
         changed.append(("", root_st))
     rows.append(row("", "d", root_st, ""))
 
-    for path, st in walk(rootfs):
+    for path, st in walk(rootfs) if only is None else _walk_only(rootfs, only):
         seen.add(path)
         t = TYPE_CODES.get(stat.S_IFMT(st.st_mode), "?")
         full = os.path.join(rootfs, path)
@@ -187,8 +204,70 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
         out.append(Change(f"{parent}/{wh.PREFIX}{name}" if parent else wh.PREFIX + name,
                           "whiteout"))
     out.sort(key=lambda c: sort_key(c.path))
+    rows.extend(kept)
     rows.sort()
     return ScanResult(out, sockets, rows)
+
+
+def _in_scope(path: str, scope: set[str]) -> bool:
+    """*path* is in *scope* or below one of its paths."""
+    return path in scope or any(a in scope for a in _ancestors(path))
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    i = path.rfind("/")
+    while i > 0:
+        yield path[:i]
+        i = path.rfind("/", 0, i)
+
+
+def _walk_only(rootfs: str, paths: Collection[str]) -> Iterator[tuple[str, os.stat_result]]:
+    """The entries of *paths* and their parent directories, and for listed
+    directories everything below them.
+
+    A path whose parent is not a real directory inside the rootfs (missing, or
+    a symlink that could lead out of it) does not exist for the scan: it is
+    never stat()ed through the link.
+    """
+    scope = set(paths)
+    done: set[str] = set()
+    for a in sorted({a for p in scope for a in _ancestors(p)} - scope, key=sort_key):
+        parent = a.rpartition("/")[0]
+        if _in_scope(a, scope) or (parent and not _real_dir(rootfs, parent)):
+            continue
+        try:  # the entry alone (it may now be a symlink or a file), nothing below it
+            yield a, os.lstat(os.path.join(rootfs, a))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    for p in sorted(scope, key=sort_key):
+        if _in_scope(p, done):
+            continue  # below a directory walked already
+        parent = p.rpartition("/")[0]
+        if parent and not _real_dir(rootfs, parent):
+            continue
+        try:
+            st = os.lstat(os.path.join(rootfs, p))
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            continue
+        yield p, st
+        if stat.S_ISDIR(st.st_mode):
+            done.add(p)
+            for sub, sst in walk(os.path.join(rootfs, p)):
+                yield f"{p}/{sub}", sst
+
+
+def _real_dir(rootfs: str, rel: str) -> bool:
+    cur = rootfs
+    for comp in rel.split("/"):
+        cur = os.path.join(cur, comp)
+        try:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def sort_key(path: str) -> tuple[bytes, ...]:
