@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "gc": "gc", "pull": "pull", "push": "push", "serve": "serve", "import": "imports",
     "images": "images", "rmi": "images", "fsck": "fsck", "hooks": "hooks", "copy": "copy",
     "mount": "mount", "lazy-index": "mount", "umount": "umount", "drivers": "drivers",
+    "share": "share",
 }
 
 

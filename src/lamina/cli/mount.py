@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
     else:
         built = f", {res.indexes_built} indexes built" if res.indexes_built else ""
         ui.info(f"mounted {opts.image} lazily at {res.mountpoint} ({res.layers} layers, "
-                f"{res.entries} entries{built}) in {res.seconds:.2f}s; daemon pid {res.pid}")
+                f"{res.inodes} inodes{built}) in {res.seconds:.2f}s; daemon pid {res.pid}")
     return 0
 
 
@@ -83,7 +83,7 @@ def run_index(args: argparse.Namespace, ui: UI) -> int:
     from lamina.oci.model import Platform
     t0 = time.monotonic()
     ref = ImageRef.parse(args.image)
-    layers, _descs, built = index_image(
+    _tree, layers, _descs, built = index_image(
         ref, Platform.parse(args.platform) if args.platform else None)
     secs = time.monotonic() - t0
     if args.json:

@@ -1,4 +1,4 @@
-"""A thin, read-only pyfuse3 adapter over :class:`lamina.lazy.model.Tree`.
+"""A thin, read-only pyfuse3 adapter over :class:`lamina.lazy.model.FrozenTree`.
 
 Every answer comes from the in-memory model except file contents, which
 :class:`~lamina.lazy.fetch.Fetcher` fetches on the first ``read`` (not on
@@ -21,7 +21,7 @@ import pyfuse3
 
 from lamina.errors import LaminaError
 from lamina.lazy.fetch import Fetcher
-from lamina.lazy.model import ROOT_INO, Node, Tree
+from lamina.lazy.model import ROOT_INO, FrozenTree, Node
 
 STATS_XATTR = "user.lamina.lazy.stats"
 _TIMEOUT = 3600.0
@@ -38,7 +38,7 @@ class LazyOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, fetcher: Fetcher) -> None:
+    def __init__(self, tree: FrozenTree, fetcher: Fetcher) -> None:
         super().__init__()
         self.tree = tree
         self.fetcher = fetcher
@@ -46,7 +46,7 @@ class LazyOperations(pyfuse3.Operations):
         self._next_fh = 1
 
     def _node(self, inode: int) -> Node:
-        n = self.tree.inodes.get(inode)
+        n = self.tree.node(inode)
         if n is None:
             raise _err(errno.ENOENT)
         return n
@@ -75,14 +75,13 @@ class LazyOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: Any = None) -> pyfuse3.EntryAttributes:
         d = self._node(parent_inode)
-        if d.children is None:
+        if d.kind != "dir":
             raise _err(errno.ENOTDIR)
         if name == b".":
             return self._attrs(d)
         if name == b"..":
-            assert d.parent is not None
-            return self._attrs(d.parent)
-        n = d.children.get(os.fsdecode(name))
+            return self._attrs(self.tree.parent(d))
+        n = self.tree.lookup(d, os.fsdecode(name))
         if n is None:
             raise _err(errno.ENOENT)
         return self._attrs(n)
@@ -94,17 +93,16 @@ class LazyOperations(pyfuse3.Operations):
         return os.fsencode(n.target)
 
     async def opendir(self, inode: int, ctx: Any) -> int:
-        n = self._node(inode)
-        if n.children is None:
+        if self._node(inode).kind != "dir":
             raise _err(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._node(fh)
-        assert d.children is not None
-        names = sorted(d.children)
+        names = self.tree.names(d)      # sorted: offsets stay valid across calls
         for i in range(start_id, len(names)):
-            n = d.children[names[i]]
+            n = self.tree.lookup(d, names[i])
+            assert n is not None
             if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attrs(n), i + 1):
                 return
 
@@ -161,11 +159,10 @@ class LazyOperations(pyfuse3.Operations):
 
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
-        total = sum(n.size for n in self.tree.inodes.values() if n.kind == "file")
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = (total + 4095) // 4096
+        s.f_blocks = (self.tree.total_size + 4095) // 4096
         s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self.tree.inodes)
+        s.f_files = self.tree.count
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s

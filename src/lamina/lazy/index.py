@@ -164,6 +164,23 @@ def load_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex 
                       layout.blob_path(desc.digest), gpath if comp == "gzip" else "")
 
 
+def light_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex | None:
+    """What reading file data needs (no member list), or None if the seek index is gone."""
+    comp = compression_of(desc)
+    _jpath, gpath = _paths(layout, desc)
+    if comp == "gzip" and not os.path.exists(gpath):
+        return None
+    return LayerIndex(desc.digest, diff_id, comp, [], layout.blob_path(desc.digest),
+                      gpath if comp == "gzip" else "")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    def write(p: str) -> None:
+        with open(p, "wb") as f:
+            f.write(data)
+    _atomic(path, write)
+
+
 def _atomic(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     os.close(fd)

@@ -13,6 +13,8 @@ only reads this model; no file content is needed to build it.
 from __future__ import annotations
 
 import stat
+import struct
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -274,3 +276,113 @@ def build_tree(layers: Sequence[LayerIndex]) -> Tree:
         t.apply(i, li.members)
     t.finish()
     return t
+
+
+# -- the merged tree on disk -------------------------------------------------------------
+# A mount of an image already indexed needs neither the member lists nor the layer walk:
+# the merged tree is kept per manifest (LAYOUT/.lamina-lazy/tree-<hex>) as one marshal
+# record per inode (builtins only) behind an offset table, so mounting reads one file
+# and decodes only the inodes the kernel asks about.
+_MAGIC = b"LAMINA-LAZY-TREE\n"
+TREE_VERSION = 1
+
+
+def dump_tree(tree: Tree, manifest: str) -> bytes:
+    import marshal
+    order = list(tree.inodes.values())
+    dense = {n.ino: i + ROOT_INO for i, n in enumerate(order)}
+    offsets = array("Q", [0])
+    rows: list[bytes] = []
+    pos = 0
+    total = 0
+    for n in order:
+        kids = None
+        if n.children is not None:
+            names = sorted(n.children)
+            kids = (names, [dense[n.children[k].ino] for k in names])
+        parent = dense[n.parent.ino] if n.parent is not None else ROOT_INO
+        row = marshal.dumps((n.kind, n.mode, n.uid, n.gid, n.mtime_ns, n.size, n.target,
+                             n.rdev, n.xattrs, n.layer, n.offset, n.sha256, n.nlink, parent,
+                             kids))
+        rows.append(row)
+        pos += len(row)
+        offsets.append(pos)
+        if n.kind == "file":
+            total += n.size
+    head = marshal.dumps((TREE_VERSION, manifest, len(order), total))
+    return b"".join([_MAGIC, struct.pack("<I", len(head)), head, offsets.tobytes(), *rows])
+
+
+class FrozenTree:
+    """A merged tree read from :func:`dump_tree` bytes, inodes decoded on demand."""
+
+    def __init__(self, data: bytes, count: int, total: int, table: int, rows: int) -> None:
+        self._data = data
+        self.count = count
+        self.total_size = total
+        self._off = array("Q")
+        self._off.frombytes(data[table:rows])
+        self._rows = rows
+        self._nodes: dict[int, Node] = {}
+        self._kids: dict[int, dict[str, int]] = {}
+        self._names: dict[int, list[str]] = {}
+        self._parent: dict[int, int] = {}
+
+    @classmethod
+    def load(cls, data: bytes, manifest: str) -> FrozenTree | None:
+        """The tree in *data* if it is *manifest*'s (else None: rebuild it)."""
+        import marshal
+        if not data.startswith(_MAGIC):
+            return None
+        try:
+            p = len(_MAGIC)
+            (hlen,) = struct.unpack_from("<I", data, p)
+            version, digest, count, total = marshal.loads(data[p + 4:p + 4 + hlen])
+        except (ValueError, EOFError, TypeError, struct.error):
+            return None
+        if version != TREE_VERSION or digest != manifest:
+            return None
+        table = p + 4 + hlen
+        rows = table + 8 * (count + 1)
+        if len(data) < rows:
+            return None
+        t = cls(data, count, total, table, rows)
+        if t._off[-1] != len(data) - rows:
+            return None
+        return t
+
+    def node(self, ino: int) -> Node | None:
+        n = self._nodes.get(ino)
+        if n is not None:
+            return n
+        i = ino - ROOT_INO
+        if not 0 <= i < self.count:
+            return None
+        import marshal
+        r = marshal.loads(self._data[self._rows + self._off[i]:self._rows + self._off[i + 1]])
+        n = Node(ino, r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7]), r[8], r[9],
+                 r[10], r[11], None, None, r[12])
+        if r[14] is not None:
+            self._names[ino] = r[14][0]
+            self._kids[ino] = dict(zip(r[14][0], r[14][1], strict=True))
+        self._parent[ino] = r[13]
+        self._nodes[ino] = n
+        return n
+
+    def lookup(self, d: Node, name: str) -> Node | None:
+        ino = self._kids.get(d.ino, {}).get(name)
+        return None if ino is None else self.node(ino)
+
+    def names(self, d: Node) -> list[str]:
+        return self._names.get(d.ino, [])
+
+    def parent(self, d: Node) -> Node:
+        p = self.node(self._parent.get(d.ino, ROOT_INO))
+        assert p is not None
+        return p
+
+    @classmethod
+    def of(cls, tree: Tree, manifest: str) -> FrozenTree:
+        t = cls.load(dump_tree(tree, manifest), manifest)
+        assert t is not None
+        return t

@@ -27,8 +27,15 @@ from typing import Any
 
 from lamina.errors import EnvironmentError_, LaminaError, NotFoundError, UsageError
 from lamina.lazy.fetch import Fetcher, LookupPlugin
-from lamina.lazy.index import LayerIndex, ensure_index, load_index
-from lamina.lazy.model import Tree, build_tree
+from lamina.lazy.index import (
+    LayerIndex,
+    atomic_write,
+    ensure_index,
+    index_dir,
+    light_index,
+    load_index,
+)
+from lamina.lazy.model import FrozenTree, build_tree, dump_tree
 from lamina.oci.layout import ImageRef, OCILayout
 from lamina.oci.model import Platform
 
@@ -50,19 +57,18 @@ class MountResult:
     mountpoint: str
     pid: int
     layers: int
-    entries: int
+    inodes: int
     indexes_built: int
     index_seconds: float
-    tree_seconds: float
     seconds: float
     lower: str = ""
     cache: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"mountpoint": self.mountpoint, "pid": self.pid, "layers": self.layers,
-                "entries": self.entries, "indexes_built": self.indexes_built,
+                "inodes": self.inodes, "indexes_built": self.indexes_built,
                 "index_seconds": round(self.index_seconds, 4),
-                "tree_seconds": round(self.tree_seconds, 4), "seconds": round(self.seconds, 4),
+                "seconds": round(self.seconds, 4),
                 "lower": self.lower, "cache": self.cache}
 
 
@@ -76,11 +82,14 @@ def _record_path(mountpoint: str) -> str:
 
 
 def index_image(image: ImageRef, platform: Platform | None = None, *, build: bool = True,
-                ) -> tuple[list[LayerIndex], list[dict[str, Any]], int]:
-    """The lazy indexes of every layer of *image* (built when missing and *build*).
+                ) -> tuple[FrozenTree, list[LayerIndex], list[dict[str, Any]], int]:
+    """The merged tree of *image* and what reading its layers needs.
 
-    Returns the indexes bottom first, the layer descriptors as JSON, and how
-    many indexes were built now.
+    Uses the stored tree when there is one; else reads (building them when
+    missing and *build*) every layer's index, applies the layers and stores
+    the tree.  Returns the tree, the layer indexes bottom first (without member
+    lists when the stored tree served), the layer descriptors as JSON, and how
+    many layer indexes were built now.
     """
     layout = OCILayout.open(image.layout)
     manifest = layout.resolve(image.tag, platform)
@@ -88,9 +97,21 @@ def index_image(image: ImageRef, platform: Platform | None = None, *, build: boo
     if len(config.diff_ids) != len(manifest.layers):
         raise UsageError(f"{image}: the config lists {len(config.diff_ids)} diff_ids for "
                          f"{len(manifest.layers)} layers")
+    pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
+    descs = [d.to_json() for d in manifest.layers]
+    tree_path = os.path.join(index_dir(layout), "tree-" + manifest.digest.split(":", 1)[1])
+    try:
+        with open(tree_path, "rb") as f:
+            tree = FrozenTree.load(f.read(), manifest.digest)
+    except FileNotFoundError:
+        tree = None
+    if tree is not None:
+        light = [light_index(layout, d, i) for d, i in pairs]
+        if all(li is not None for li in light):
+            return tree, [li for li in light if li is not None], descs, 0
     out: list[LayerIndex] = []
     built = 0
-    for desc, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
+    for desc, diff_id in pairs:
         if build:
             idx, made = ensure_index(layout, desc, diff_id)
             built += made
@@ -101,7 +122,13 @@ def index_image(image: ImageRef, platform: Platform | None = None, *, build: boo
                                     hint=f"run 'lamina lazy-index {image}' first")
             idx = got
         out.append(idx)
-    return out, [d.to_json() for d in manifest.layers], built
+    data = dump_tree(build_tree(out), manifest.digest)
+    atomic_write(tree_path, data)
+    frozen = FrozenTree.load(data, manifest.digest)
+    assert frozen is not None
+    for li in out:
+        li.members = []     # the tree has what the mount needs; free the lists
+    return frozen, out, descs, built
 
 
 def _mounted(path: str) -> bool:
@@ -130,10 +157,9 @@ def mount(opts: LazyMountOptions) -> MountResult:
                          hint=f"unmount it first: lamina umount {target}")
     if not os.path.exists("/dev/fuse"):
         raise EnvironmentError_("/dev/fuse is missing", hint="load the fuse module (modprobe fuse)")
-    layers, descs, built = index_image(opts.image, opts.platform, build=opts.build_index)
+    tree, layers, descs, built = index_image(opts.image, opts.platform,
+                                             build=opts.build_index)
     t1 = time.monotonic()
-    tree = build_tree(layers)
-    t2 = time.monotonic()
     fuse_at = target
     state = ""
     if opts.writable:
@@ -162,11 +188,11 @@ def mount(opts: LazyMountOptions) -> MountResult:
     except BaseException:
         _stop(pid, fuse_at)
         raise
-    return MountResult(target, pid, len(layers), sum(len(li.members) for li in layers), built,
-                       t1 - t0, t2 - t1, time.monotonic() - t0, fuse_at if state else "", cache)
+    return MountResult(target, pid, len(layers), tree.count, built,
+                       t1 - t0, time.monotonic() - t0, fuse_at if state else "", cache)
 
 
-def _spawn(tree: Tree, fetcher: Fetcher, fuse_at: str, overlay: str, own_cache: bool,
+def _spawn(tree: FrozenTree, fetcher: Fetcher, fuse_at: str, overlay: str, own_cache: bool,
            stats_file: str | None) -> int:
     r, w = os.pipe()
     pid = os.fork()
@@ -225,7 +251,7 @@ def _spawn(tree: Tree, fetcher: Fetcher, fuse_at: str, overlay: str, own_cache: 
     return pid
 
 
-def _serve(tree: Tree, fetcher: Fetcher, fuse_at: str, overlay: str, ready: int) -> None:
+def _serve(tree: FrozenTree, fetcher: Fetcher, fuse_at: str, overlay: str, ready: int) -> None:
     import pyfuse3
     import trio
 
