@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import need_tool, run_lamina
-from lamina.errors import CorruptLayerError, DigestMismatchError, UnsafeLayerError
+from lamina.errors import CorruptLayerError, DigestMismatchError, UnsafeLayerError, UsageError
 from lamina.ipc.client import StoreClient
 from lamina.oci.layout import OCILayout
 from lamina.store import Store
@@ -360,3 +360,18 @@ def test_socket_flag_errors(tmp_path: Path) -> None:
     assert p.returncode == 2 and "exclude" in p.stderr
     with socket.socket(socket.AF_UNIX) as s:
         assert s.connect_ex(str(tmp_path / "s")) != 0
+
+
+def test_unpack_from_a_store_server(served: tuple[Server, list[bytes]], tmp_path: Path) -> None:
+    src, _ = served
+    from lamina.ipc.client import SyncStoreClient
+    with SyncStoreClient(src.sock) as c:
+        c.unpack("app:v1", str(tmp_path / "bundle"))
+        with pytest.raises(UsageError):     # a layout on the server is not the client's
+            c.unpack(f"{src.store.parent / 'lay'}:v1", str(tmp_path / "b2"))
+    assert not (tmp_path / "b2").exists()
+    rootfs = tmp_path / "bundle" / "rootfs"
+    assert (rootfs / "bin" / "big0").stat().st_size == MiB
+    assert os.readlink(rootfs / "bin" / "sh") == "big0"
+    assert not (rootfs / "etc" / "hostname").exists()     # whited out by the second layer
+    assert json.loads((tmp_path / "bundle" / "config.json").read_text())["ociVersion"]

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from lamina.errors import CorruptLayerError, NotFoundError, UnsupportedError, UsageError
+from lamina.errors import CorruptLayerError, NotFoundError, UsageError
 from lamina.ipc.backend import Busy, LayerRecord, Release
 from lamina.oci import mediatypes as mt
 from lamina.oci.model import Descriptor, Platform
@@ -137,9 +137,16 @@ class LocalStoreBackend:
 
     def unpack(self, tag: str, bundle: str, platform: Platform | None,
                rootless: bool) -> dict[str, Any]:
-        raise UnsupportedError("Unpack is not offered by a store-backed server",
-                               hint="serve a layout (lamina serve --layout) to unpack, or "
-                                    "fetch the layers and unpack them on the client")
+        from lamina.drivers.unpack import DriverUnpackOptions, is_layout, unpack_with_driver
+
+        if not os.path.isabs(bundle):
+            raise UsageError(f"bundle path {bundle!r} must be absolute",
+                             hint="the server does not share the client's working directory")
+        if is_layout(tag):      # a path on the server is not the client's to name
+            raise UsageError(f"{tag!r} is not an image name of this store")
+        res = unpack_with_driver(DriverUnpackOptions(tag, bundle, store=self.store.path,
+                                                     platform=platform, rootless=rootless))
+        return res.to_json()
 
     def gc(self, dry_run: bool) -> dict[str, Any]:
         if self.store.lock._shared:
