@@ -375,3 +375,24 @@ def test_unpack_from_a_store_server(served: tuple[Server, list[bytes]], tmp_path
     assert os.readlink(rootfs / "bin" / "sh") == "big0"
     assert not (rootfs / "etc" / "hostname").exists()     # whited out by the second layer
     assert json.loads((tmp_path / "bundle" / "config.json").read_text())["ociVersion"]
+
+
+def test_server_already_holding_a_layer_under_another_blob(
+        served: tuple[Server, list[bytes]], empty: Server) -> None:
+    src, tars = served
+
+    async def put_zstd() -> None:
+        async with await StoreClient.connect(empty.sock) as c:
+            rec = await c.put_tar(io.BytesIO(tars[0]), diff_id=diff_id(tars[0]),
+                                  compression="zstd")
+            assert rec.descriptor.media_type.endswith("+zstd")
+
+    asyncio.run(put_zstd())
+    res = _json(["copy", f"varlink:{src.sock}:app:v1", f"varlink:{empty.sock}:app:v1"])
+    assert [x["action"] for x in res["layers"]] == ["skipped", "copied"]
+    with Store.open(str(empty.store), create=False) as s:
+        img = s.image("app:v1")
+        assert img.layers[0].desc.media_type.endswith("+zstd")
+        assert [x.diff_id for x in img.layers] == [diff_id(t) for t in tars]
+    _fsck_ok(empty.store)
+    _exports_match(empty.store, tars)

@@ -118,6 +118,7 @@ class LocalStoreBackend:
 
     def finalize_image(self, tag: str, config: dict[str, Any], layers: list[LayerRecord],
                        annotations: dict[str, str]) -> Descriptor:
+        layers = [self._stored_as(r) for r in layers]
         cfg = dict(config)
         cfg["rootfs"] = {"type": "layers", "diff_ids": [r.diff_id for r in layers]}
         cbytes = json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
@@ -131,6 +132,16 @@ class LocalStoreBackend:
         mbytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         digest = self.store.put_image(tag, mbytes, cbytes)
         return Descriptor(mt.MANIFEST, digest, len(mbytes))
+
+    def _stored_as(self, rec: LayerRecord) -> LayerRecord:
+        """A layer the client skipped (HasLayer) may be stored under another blob
+        (another compression): name the one this store has."""
+        if self.store.has_blob(rec.descriptor.digest):
+            return rec
+        info = self.store.layer(rec.diff_id)
+        if info is None or info.state != "ready" or not self.store.has_blob(info.blob):
+            return rec      # put_image reports it missing
+        return LayerRecord(Descriptor(info.media_type, info.blob, info.blob_size), rec.diff_id)
 
     def put_image(self, tag: str, manifest: bytes, config: bytes) -> str:
         return self.store.put_image(tag, manifest, config)
