@@ -196,6 +196,7 @@ class StoreRootfsWriter(RootfsWriter):
         self._farm_fd = -1
         self._farm_key = repr((opts.rootless, opts.uid_map, opts.gid_map)).encode()
         self._farm_writer: StoreRootfsWriter | None = None
+        self._farm_names: set[str] = set()
 
     def set_farm(self, farm: str | None) -> None:
         """The link farm the next layer's files are linked from (``link`` placement)."""
@@ -207,6 +208,8 @@ class StoreRootfsWriter(RootfsWriter):
             self._farm_writer = StoreRootfsWriter(farm, self.opts, self.objects_fd,
                                                   self.placement, warn=self._warn)
             self._farm_fd = self._farm_writer.root_fd
+            # one listing instead of a stat per file (inodes are only ever added)
+            self._farm_names = set(os.listdir(self._farm_fd))
 
     def close(self) -> None:
         self.set_farm(None)
@@ -245,8 +248,13 @@ class StoreRootfsWriter(RootfsWriter):
             super()._apply_entry(e, reader, pfd, name, real, stats)
             return
         fname = self._farm_inode(e, reader, chunk)
-        self._replace(pfd, name, real)
-        os.link(fname, name, src_dir_fd=self._farm_fd, dst_dir_fd=pfd, follow_symlinks=False)
+        try:
+            os.link(fname, name, src_dir_fd=self._farm_fd, dst_dir_fd=pfd,
+                    follow_symlinks=False)
+        except FileExistsError:     # most entries land on a free path: look only now
+            self._replace(pfd, name, real)
+            os.link(fname, name, src_dir_fd=self._farm_fd, dst_dir_fd=pfd,
+                    follow_symlinks=False)
         self._set_hash(real, chunk)
         self.place.linked += 1
         stats.files += 1
@@ -259,11 +267,8 @@ class StoreRootfsWriter(RootfsWriter):
         for k in sorted(e.xattrs):
             h.update(b"\0" + k.encode("utf-8", "surrogateescape") + b"=" + e.xattrs[k])
         fname = h.hexdigest()
-        try:
-            os.stat(fname, dir_fd=self._farm_fd, follow_symlinks=False)
+        if fname in self._farm_names:
             return fname
-        except FileNotFoundError:
-            pass
         # made under a temporary name, renamed when complete: a farm never holds a
         # half-made inode that a later bundle would link
         assert self._farm_writer is not None
@@ -273,6 +278,7 @@ class StoreRootfsWriter(RootfsWriter):
                                            tmp, LayerStats())
         self._farm_writer._layer_paths.discard(tmp)
         os.rename(tmp, fname, src_dir_fd=self._farm_fd, dst_dir_fd=self._farm_fd)
+        self._farm_names.add(fname)
         self.place.farm_new += 1
         return fname
 
