@@ -22,7 +22,11 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace, ui: UI) -> int:
     from lamina.drivers.manage import release_bundle
     from lamina.errors import NotFoundError
-    from lamina.lazy.mount import unmount
+    from lamina.lazy.mount import is_lazy_mount, unmount
+    # a lazy mount first: its record is outside DIR, which may be a dead FUSE mount
+    if is_lazy_mount(args.dir) and unmount(args.dir):
+        ui.info(f"unmounted {args.dir}")
+        return 0
     if release_bundle(args.dir):  # a bundle a mounting driver (overlay) prepared
         ui.info(f"unmounted {args.dir}/rootfs (its changes stay in {args.dir}/upper)")
         return 0
