@@ -300,3 +300,32 @@ def test_corpus_app_matches_full_unpack(tmp_path: Path, run_env: dict[str, str],
                           names=("unpack", "lazy"))
     assert diff == []
     _unmount(mnt, run_env)
+
+
+def test_lazy_driver_bundle_repack(tmp_path: Path) -> None:
+    layered_image(tmp_path / "l", ["gzip", "zstd", "gzip"])
+    img = f"{tmp_path}/l:t"
+    bundle = tmp_path / "b"
+    r = run_lamina(["unpack", "--driver", "lazy", "--image", img, str(bundle)])
+    try:
+        assert r.returncode == 0, r.stderr
+        meta = json.loads((bundle / "lamina.json").read_text())
+        assert meta["driver"] == "lazy" and os.path.ismount(bundle / "rootfs")
+        assert json.loads((bundle / "config.json").read_text())["root"]["path"] == "rootfs"
+        (bundle / "rootfs/etc/added").write_text("new\n")
+        os.unlink(bundle / "rootfs/usr/big")
+        r = run_lamina(["repack", "--image", f"{tmp_path}/l:t2", str(bundle)])
+        assert r.returncode == 0, r.stderr
+    finally:
+        assert run_lamina(["umount", str(bundle)]).returncode == 0
+    assert not os.path.ismount(bundle / "rootfs") and not os.path.ismount(bundle / "lower")
+    # the repacked image, unpacked in full, has the change on top of the original tree
+    old = tree_manifest(str(_unpack(img, tmp_path / "b1")))
+    new = tree_manifest(str(_unpack(f"{tmp_path}/l:t2", tmp_path / "b2")))
+    assert sorted(set(new) - set(old)) == ["etc/added"]
+    assert sorted(set(old) - set(new)) == ["usr/big"]
+    # a store image is refused clearly
+    r = run_lamina(["unpack", "--driver", "lazy", "--store", str(tmp_path / "s"),
+                    "--image", img, str(tmp_path / "b3")])
+    assert r.returncode == 9 and "store" in r.stderr
+    assert not (tmp_path / "b3").exists()
