@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Store-backed drivers (objects, btrfs): warm vs cold unpack and disk used.
+
+    python bench/drivers_store.py [--corpus DIR] [--workdir DIR] [--out BENCHMARKS.md]
+
+Run by ``bench/drivers.py`` (its objects/btrfs rows) or alone, which writes
+the section between <!-- bench:drivers-store:begin --> and
+<!-- bench:drivers-store:end -->.  Needs root: every case runs on a
+filesystem made for it on a loop device (xfs with reflink=1, ext4, btrfs),
+so blocks are counted on a quiet filesystem (statvfs before/after, after a
+sync) and nothing else shares it.  The corpus layout stays where it is;
+the store and the bundles live on the loop filesystem.
+
+Timed, once each (``lamina unpack --driver D --store S``):
+
+* cold: empty store, image ``app`` from the layout (its 3 layers imported,
+  then unpacked);
+* warm: store holding ``base`` and ``py`` (imported, and one bundle of each
+  made by the driver, so its extractions exist), unpack ``app``: only its
+  top layer is new;
+* hot: ``app`` already in the store (a second bundle of it);
+* copy: ``lamina unpack`` from the layout without a store (the reference).
+
+Disk: ``base``, ``py`` and ``app`` unpacked once each, with the driver into
+one store, against three ``lamina unpack`` copies on the same kind of
+filesystem.  The store's blobs (the compressed layers, which the layout
+holds too) are shown apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import (
+    REPO,
+    RunResult,
+    find_corpus,
+    lamina_cmd,
+    machine_line,
+    md_table,
+    remove_tree,
+    replace_section,
+    run_measured,
+)
+
+SECTION = "drivers-store"
+MiB = 1 << 20
+IMAGES = ("base", "py", "app")
+
+# (filesystem, driver, read-only bundles, what the placement is)
+CASES: tuple[tuple[str, str, bool, str], ...] = (
+    ("xfs", "objects", False, "reflinks (FICLONE)"),
+    ("ext4", "objects", True, "hardlinks to link farms (--read-only)"),
+    ("ext4", "objects", False, "copies (no reflinks on ext4)"),
+    ("btrfs", "btrfs", False, "subvolume snapshot per chain id"),
+    ("btrfs", "objects", False, "reflinks (FICLONE)"),
+)
+
+
+@dataclass
+class Case:
+    fs: str
+    driver: str
+    read_only: bool
+    how: str
+    times: dict[str, RunResult] = field(default_factory=dict)
+    disk: int | None = None             # store (without blobs) + 3 bundles
+    blobs: int | None = None
+    copy_disk: int | None = None        # 3 lamina unpack copies on this fs kind
+    error: str = ""
+
+
+def used(mnt: Path) -> int:
+    os.sync()
+    s = os.statvfs(mnt)
+    return (s.f_blocks - s.f_bfree) * s.f_frsize
+
+
+def tree_blocks(path: Path) -> int:
+    """Allocated bytes below PATH, hardlinks once (du); 0 if missing."""
+    if not path.exists():
+        return 0
+    out = subprocess.run(["du", "-sB1", str(path)], capture_output=True, text=True,
+                         check=False).stdout.split()
+    return int(out[0]) if out else 0
+
+
+@contextmanager
+def loopfs(kind: str, work: Path, size_gb: int = 6) -> Iterator[Path]:
+    img = work / f"{kind}.img"
+    with open(img, "wb") as f:
+        f.truncate(size_gb << 30)
+    mkfs = {"xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
+            "ext4": ["mkfs.ext4", "-q", "-F"],
+            "btrfs": ["mkfs.btrfs", "-q", "-f"]}[kind]
+    subprocess.run([*mkfs, str(img)], check=True, capture_output=True)
+    mnt = work / f"mnt-{kind}"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-d", str(mnt)], check=False)
+        img.unlink(missing_ok=True)
+
+
+def unpack(lamina: list[str], image: str, bundle: Path, *, driver: str | None = None,
+           store: Path | None = None, read_only: bool = False) -> RunResult:
+    cmd = [*lamina, "unpack", "-q"]
+    if driver:
+        cmd += ["--driver", driver]
+    if store is not None:
+        cmd += ["--store", str(store)]
+    if read_only:
+        cmd.append("--read-only")
+    r = run_measured([*cmd, "--image", image, str(bundle)])
+    if not r.ok:
+        raise RuntimeError(f"{' '.join(cmd)} {image}: {r.stderr_tail.strip()}")
+    return r
+
+
+def copy_baseline(lamina: list[str], layout: Path, mnt: Path) -> tuple[RunResult, int]:
+    """Three copies (base, py, app) without a store: the time of app, the disk of all."""
+    before = used(mnt)
+    res = None
+    for tag in IMAGES:
+        r = unpack(lamina, f"{layout}:{tag}", mnt / f"copy-{tag}")
+        if tag == "app":
+            res = r
+    disk = used(mnt) - before
+    for tag in IMAGES:
+        remove_tree(mnt / f"copy-{tag}")
+    assert res is not None
+    return res, disk
+
+
+def run_case(c: Case, lamina: list[str], layout: Path, mnt: Path) -> None:
+    ro = c.read_only
+    # cold: an empty store
+    cold_store = mnt / "store-cold"
+    c.times["cold"] = unpack(lamina, f"{layout}:app", mnt / "b-cold", driver=c.driver,
+                             store=cold_store, read_only=ro)
+    remove_bundle(lamina, mnt / "b-cold", c.driver, cold_store)
+    remove_tree(cold_store)
+    # warm and hot, and the disk of base+py+app
+    store = mnt / "store"
+    before = used(mnt)
+    for tag in ("base", "py"):
+        unpack(lamina, f"{layout}:{tag}", mnt / f"b-{tag}", driver=c.driver, store=store,
+               read_only=ro)
+    c.times["warm"] = unpack(lamina, f"{layout}:app", mnt / "b-app", driver=c.driver,
+                             store=store, read_only=ro)
+    c.disk = used(mnt) - before
+    c.blobs = tree_blocks(store / "blobs")
+    c.times["hot"] = unpack(lamina, _stored_name(layout, "app"),
+                            mnt / "b-app2", driver=c.driver, store=store, read_only=ro)
+    for b in ("b-base", "b-py", "b-app", "b-app2"):
+        remove_bundle(lamina, mnt / b, c.driver, store)
+    remove_tree(store)
+
+
+def _stored_name(layout: Path, tag: str) -> str:
+    # lamina import's default name: the layout directory's name and the tag
+    return f"{layout.name}:{tag}"
+
+
+def remove_bundle(lamina: list[str], bundle: Path, driver: str, store: Path) -> None:
+    if driver == "btrfs" and (bundle / "rootfs").exists():
+        subprocess.run(["btrfs", "subvolume", "delete", str(bundle / "rootfs")],
+                       check=False, capture_output=True)
+    remove_tree(bundle)
+
+
+def measure(corpus: Path, workdir: Path, lamina: list[str],
+            cases: Sequence[Case]) -> dict[str, tuple[RunResult, int]]:
+    layout = corpus / "oci"
+    copies: dict[str, tuple[RunResult, int]] = {}
+    for fs in dict.fromkeys(c.fs for c in cases):
+        with loopfs(fs, workdir) as mnt:
+            copies[fs] = copy_baseline(lamina, layout, mnt)
+            for c in cases:
+                if c.fs != fs:
+                    continue
+                c.copy_disk = copies[fs][1]
+                try:
+                    run_case(c, lamina, layout, mnt)
+                except (RuntimeError, subprocess.CalledProcessError) as e:
+                    c.error = str(e)[-300:]
+    return copies
+
+
+def _s(r: RunResult | None) -> str:
+    return f"{r.seconds:.2f} s" if r is not None and r.ok else "—"
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / MiB:,.0f} MiB" if n is not None else "—"
+
+
+def render(cases: Sequence[Case], copies: dict[str, tuple[RunResult, int]]) -> str:
+    lines = ["## Store drivers (objects, btrfs): warm vs cold unpack, disk", "",
+             f"Machine: {machine_line()}. **The machine was busy** (2 CPUs shared with other "
+             "work while this ran): one run per cell, so read differences under ~30% as "
+             "noise.  Generated by `bench/drivers_store.py` (also run by "
+             "`bench/drivers.py`).", "",
+             "Unpack of the corpus `app` image (3 layers, 31,600 entries, 401 MB), each "
+             "case on its own loop filesystem.  cold: empty store (the import of all 3 "
+             "layers included); warm: `base` and `py` already stored and unpacked by the "
+             "driver (only `app`'s top layer, 275 MB of its 442 MB tar, is new); hot: `app` "
+             "itself already stored (a second bundle).", ""]
+    rows = []
+    for c in cases:
+        copy_t = copies.get(c.fs, (None, 0))[0]
+        cold, warm, hot = (c.times.get(k) for k in ("cold", "warm", "hot"))
+        ratio = (f"{warm.seconds / cold.seconds:.2f}x" if cold and warm and cold.ok
+                 else "—")
+        hot_ratio = (f"{hot.seconds / copy_t.seconds:.2f}x" if hot and copy_t and copy_t.ok
+                     else "—")
+        rows.append([c.fs, c.driver + (" --read-only" if c.read_only else ""), c.how,
+                     _s(copy_t), _s(cold), _s(warm), ratio, _s(hot), hot_ratio,
+                     c.error and "error: " + c.error.replace("|", "/")])
+    lines.append(md_table(["fs", "driver", "files are", "copy (no store)", "cold", "warm",
+                           "warm/cold", "hot", "hot/copy", ""], rows,
+                          [False, False, False, True, True, True, True, True, True, False]))
+    lines += ["", "Disk used by `base` + `py` + `app` (one bundle each) against three "
+              "`lamina unpack` copies on the same filesystem kind (statvfs used blocks, "
+              "after sync; the target is objects <= 0.6x).  \"store + bundles\" excludes "
+              "the store's blobs (the compressed layers: the layout holds them anyway, "
+              "and `lamina import` hardlinks them when the layout is on the same "
+              "filesystem), shown apart.", ""]
+    rows = []
+    for c in cases:
+        if c.disk is None or c.copy_disk is None:
+            continue
+        net = c.disk - (c.blobs or 0)
+        rows.append([c.fs, c.driver + (" --read-only" if c.read_only else ""),
+                     _mb(c.copy_disk), _mb(net), f"{net / c.copy_disk:.2f}x", _mb(c.blobs),
+                     f"{c.disk / c.copy_disk:.2f}x"])
+    lines.append(md_table(["fs", "driver", "3 copies", "store + bundles", "ratio",
+                           "store blobs", "ratio with blobs"], rows,
+                          [False, False, True, True, True, True, True]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus")
+    ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--lamina", help="lamina command (default: this checkout's)")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--only", help="comma-separated fs:driver cases (default: all)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("drivers_store: needs root (loop filesystems); skipped", file=sys.stderr)
+        return 0
+    corpus = find_corpus(args.corpus)
+    cases = [Case(fs, d, ro, how) for fs, d, ro, how in CASES
+             if not args.only or f"{fs}:{d}" in args.only.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-drivers-", dir=args.workdir) as td:
+        copies = measure(corpus, Path(td), lamina_cmd(args.lamina), cases)
+    body = render(cases, copies)
+    replace_section(Path(args.out), SECTION, body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
