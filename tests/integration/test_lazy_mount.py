@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_lamina
+from lamina.oci.layout import OCILayout
 from lamina.testing.images import build_image
 from lamina.testing.layers import TarBuilder
 from lamina.testing.tree import diff_manifests, tree_manifest
@@ -329,3 +330,33 @@ def test_lazy_driver_bundle_repack(tmp_path: Path) -> None:
                     "--image", img, str(tmp_path / "b3")])
     assert r.returncode == 9 and "store" in r.stderr
     assert not (tmp_path / "b3").exists()
+
+
+def test_lookup_hook_provides_a_missing_blob(tmp_path: Path, run_env: dict[str, str],
+                                             mounted: list[Path]) -> None:
+    tb = TarBuilder().add_dir("etc").add_file("etc/a", b"alpha\n").add_file("etc/b", b"beta\n")
+    build_image(str(tmp_path / "l"), "t", [tb.build()], compression="gzip")
+    img = f"{tmp_path}/l:t"
+    assert run_lamina(["lazy-index", img]).returncode == 0
+    # the layer blob leaves the layout (as if pulled lazily); another layout has it
+    other = tmp_path / "other/blobs/sha256"
+    other.mkdir(parents=True)
+    layer = OCILayout.open(str(tmp_path / "l")).resolve("t").layers[0]
+    blob = tmp_path / "l/blobs/sha256" / layer.hex
+    blob.rename(other / blob.name)
+    log = tmp_path / "hook.log"
+    hook = tmp_path / "fetch-layer"
+    hook.write_text(f"#!/bin/sh\ncat >> {log}\necho >> {log}\necho {tmp_path / 'other'}\n")
+    hook.chmod(0o755)
+    hooks = tmp_path / "hooks.toml"
+    hooks.write_text(f'[["lookup"]]\npath = "{hook}"\n')
+    mnt = tmp_path / "mnt"
+    mounted.append(mnt)
+    _mount(img, mnt, run_env, "--no-index", "--hooks", str(hooks))
+    assert not log.exists()                  # nothing asked before data is needed
+    assert (mnt / "etc/a").read_bytes() == b"alpha\n"
+    assert (mnt / "etc/b").read_bytes() == b"beta\n"
+    events = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    assert len(events) == 1                  # once per layer
+    assert events[0]["event"] == "lookup" and events[0]["layer"]["digest"].endswith(blob.name)
+    _unmount(mnt, run_env)
