@@ -19,17 +19,20 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <limits.h>
 #include <unistd.h>
 
 #define BLOCK 512
 #define MAX_BATCH 512
 #define PARALLEL_MIN 16
+#define MAX_WALK_DEPTH 256
 #define NAME_MAX_LEN (155 + 1 + 100)
 
 typedef struct {
@@ -476,8 +479,143 @@ out:
     return result;
 }
 
+/* ---- the stat snapshot (lamina.layer.snapshot) ------------------------------ */
+
+static char type_code(mode_t m) {
+    switch (m & S_IFMT) {
+    case S_IFREG: return 'f';
+    case S_IFDIR: return 'd';
+    case S_IFLNK: return 'l';
+    case S_IFCHR: return 'c';
+    case S_IFBLK: return 'b';
+    case S_IFIFO: return 'p';
+    case S_IFSOCK: return 's';
+    default: return '?';
+    }
+}
+
+static long long ns(struct timespec t) { return (long long)t.tv_sec * 1000000000LL + t.tv_nsec; }
+
+/* Rows of every entry beneath dfd (which this consumes), paths prefixed by prefix. */
+static int walk_dir(int dfd, PyObject *prefix, PyObject *hashes, PyObject *rows, int depth) {
+    if (depth > MAX_WALK_DEPTH) {   /* hostile nesting: Python's iterative walk copes */
+        close(dfd);
+        PyErr_SetString(PyExc_RecursionError, "directory tree too deep for the fast walk");
+        return -1;
+    }
+    DIR *d = fdopendir(dfd);
+    if (d == NULL) {
+        close(dfd);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    int rc = 0;
+    struct dirent *de;
+    for (;;) {
+        errno = 0;
+        de = readdir(d);
+        if (de == NULL) {
+            if (errno) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                rc = -1;
+            }
+            break;
+        }
+        const char *n = de->d_name;
+        if (n[0] == '.' && (n[1] == '\0' || (n[1] == '.' && n[2] == '\0')))
+            continue;
+        struct stat st;
+        if (fstatat(dirfd(d), n, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            rc = -1;
+            break;
+        }
+        PyObject *name = PyUnicode_DecodeFSDefault(n);
+        PyObject *path = name == NULL ? NULL
+            : PyUnicode_GET_LENGTH(prefix) ? PyUnicode_FromFormat("%U/%U", prefix, name)
+                                           : Py_NewRef(name);
+        Py_XDECREF(name);
+        if (path == NULL) {
+            rc = -1;
+            break;
+        }
+        char t = type_code(st.st_mode);
+        PyObject *extra;
+        if (t == 'f') {
+            extra = PyDict_GetItemWithError(hashes, path);
+            extra = extra ? Py_NewRef(extra) : PyErr_Occurred() ? NULL : PyBytes_FromString("");
+        } else if (t == 'l') {
+            static char buf[PATH_MAX + 1];   /* the GIL is held throughout */
+            ssize_t k = readlinkat(dirfd(d), n, buf, PATH_MAX);
+            extra = k < 0 ? PyErr_SetFromErrno(PyExc_OSError)
+                          : PyUnicode_DecodeFSDefaultAndSize(buf, k);
+        } else {
+            extra = PyUnicode_FromString("");
+        }
+        PyObject *row = extra == NULL ? NULL : Py_BuildValue(
+            "(OC" "IIILLLKO)", path, (int)t, (unsigned)st.st_mode, (unsigned)st.st_uid,
+            (unsigned)st.st_gid, (long long)st.st_size, ns(st.st_mtim), ns(st.st_ctim),
+            (unsigned long long)st.st_ino, extra);
+        Py_XDECREF(extra);
+        if (row == NULL || PyList_Append(rows, row) < 0) {
+            Py_XDECREF(row);
+            Py_DECREF(path);
+            rc = -1;
+            break;
+        }
+        Py_DECREF(row);
+        if (t == 'd') {
+            int sub = openat(dirfd(d), n, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sub < 0) {
+                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+                Py_DECREF(path);
+                rc = -1;
+                break;
+            }
+            rc = walk_dir(sub, path, hashes, rows, depth + 1);
+        }
+        Py_DECREF(path);
+        if (rc < 0)
+            break;
+    }
+    closedir(d);
+    return rc;
+}
+
+PyDoc_STRVAR(snapshot_rows_doc,
+"snapshot_rows(dir_fd, hashes) -> list of rows\n\n"
+"lamina.layer.snapshot rows of every entry beneath the directory dir_fd (not itself;\n"
+"the fd is not consumed), never following symlinks.  A file's row carries\n"
+"hashes.get(path, b''), a symlink's its target.  Raises OSError (PermissionError for a\n"
+"directory it may not read: the caller falls back to a walk that can fix modes).");
+
+static PyObject *snapshot_rows(PyObject *self, PyObject *args) {
+    int fd;
+    PyObject *hashes;
+    if (!PyArg_ParseTuple(args, "iO!", &fd, &PyDict_Type, &hashes))
+        return NULL;
+    PyObject *rows = PyList_New(0);
+    PyObject *empty = PyUnicode_FromString("");
+    if (rows == NULL || empty == NULL)
+        goto fail;
+    int dfd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    if (walk_dir(dfd, empty, hashes, rows, 0) < 0)
+        goto fail;
+    Py_DECREF(empty);
+    return rows;
+fail:
+    Py_XDECREF(rows);
+    Py_XDECREF(empty);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"extract_files", extract_files, METH_VARARGS, extract_files_doc},
+    {"snapshot_rows", snapshot_rows, METH_VARARGS, snapshot_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from lamina.layer import extract
 from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
+from lamina.layer.snapshot import take_snapshot
 from lamina.layer.tarstream import TarReader
 from lamina.testing.tree import diff_manifests, tree_manifest
 
@@ -139,3 +141,25 @@ def _ustar_layers() -> list[bytes]:
                 tf.addfile(ti, tin.extractfile(ti) if ti.isfile() else None)
         out.append(buf.getvalue())
     return out
+
+
+def test_compiled_snapshot_matches_the_python_walk(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if not extract.fastpath_enabled():
+        pytest.skip("fast path not built here")
+    w, _ = _apply(tmp_path / "r", _layers(tarfile.PAX_FORMAT), rootless=True)
+    root = str(tmp_path / "r")
+    os.mkfifo(tmp_path / "r/fifo")
+    fast = take_snapshot(root, w.hashes)
+    (tmp_path / "r" / "/".join(["deep"] * 300)).mkdir(parents=True)   # past the C walk
+    deep_fast = take_snapshot(root, w.hashes)
+    monkeypatch.setenv("LAMINA_NO_FASTPATH", "1")
+    deep_slow = take_snapshot(root, w.hashes)
+    shutil.rmtree(tmp_path / "r/deep")
+    slow = take_snapshot(root, w.hashes)
+    del fast[""], slow[""]      # the root's times moved with deep/
+    assert fast == slow
+    assert deep_fast == deep_slow
+    assert fast["usr/lib/f0003"][9] == w.hashes["usr/lib/f0003"]
+    assert fast["lib"][1] == "l" and fast["lib"][9] == "usr/lib"
+    assert fast["fifo"][1] == "p"

@@ -19,6 +19,11 @@ import stat
 from collections.abc import Iterator
 from typing import IO
 
+try:  # compiled walk (setup.py); same rows, no Python object per stat call
+    from lamina import _fastpath
+except ImportError:  # pragma: no cover - depends on the build
+    _fastpath = None  # type: ignore[assignment]
+
 TYPE_CODES = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
               stat.S_IFBLK: "b", stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
@@ -57,6 +62,17 @@ FORMAT = 1
 def take_snapshot(root: str, hashes: dict[str, bytes]) -> dict[str, tuple[object, ...]]:
     """Stat every entry below *root*: path -> row."""
     rows: dict[str, tuple[object, ...]] = {"": row("", "d", os.lstat(root), "")}
+    if _fastpath is not None and os.environ.get("LAMINA_NO_FASTPATH", "") in ("", "0"):
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for r in _fastpath.snapshot_rows(fd, hashes):
+                rows[r[0]] = r   # type: ignore[index]
+            return rows
+        except (PermissionError, RecursionError):
+            # unreadable directories (rootless) or hostile nesting: the walk below copes
+            rows = {"": rows[""]}
+        finally:
+            os.close(fd)
     for path, st in walk(root):
         t = TYPE_CODES.get(stat.S_IFMT(st.st_mode), "?")
         extra: bytes | str = hashes.get(path, b"") if t == "f" else (
