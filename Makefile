@@ -15,6 +15,9 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py src/lamina/_fastpath.c
 	$(BIN)/pip install -q -e '.[test]'
+	@# byte-compile as a regular install does (an editable one under
+	@# PYTHONDONTWRITEBYTECODE would recompile every module on every run)
+	$(BIN)/python -m compileall -q src/lamina
 	touch $@
 
 apt-deps:
