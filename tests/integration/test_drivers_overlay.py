@@ -79,6 +79,15 @@ def layout(tmp_path: Path) -> str:
     return lay
 
 
+@pytest.fixture(params=["kernel", "fuse"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Kernel overlayfs, or fuse-overlayfs (the rootless fallback, forced as root)."""
+    if request.param == "fuse":
+        need_tool("fuse-overlayfs")
+        monkeypatch.setenv("LAMINA_OVERLAY_FUSE", "1")
+    return str(request.param)
+
+
 @pytest.fixture
 def bundles(tmp_path: Path) -> Iterator[list[str]]:
     """Bundle paths to create; every mount below them is removed at the end."""
@@ -106,8 +115,8 @@ def _mounts_under(path: str) -> list[str]:
         return [line for line in f if path in line]
 
 
-def test_overlay_rootfs_equals_copy(require_root: None, layout: str, tmp_path: Path,
-                                    bundles: list[str]) -> None:
+def test_overlay_rootfs_equals_copy(require_root: None, mode: str, layout: str,
+                                    tmp_path: Path, bundles: list[str]) -> None:
     store = str(tmp_path / "store")
     for tag in ("two", "three"):
         ov, cp = str(tmp_path / f"ov-{tag}"), str(tmp_path / f"cp-{tag}")
@@ -115,6 +124,8 @@ def test_overlay_rootfs_equals_copy(require_root: None, layout: str, tmp_path: P
         res = _unpack(store, f"{layout}:{tag}", ov)
         assert res["driver"] == "overlay"
         assert os.path.ismount(os.path.join(ov, "rootfs"))
+        kind = json.loads(Path(ov, "lamina.json").read_text())["mounts"][0]["type"]
+        assert kind == ("overlay" if mode == "kernel" else "fuse.fuse-overlayfs")
         _copy_unpack(f"{layout}:{tag}", cp)
         a = tree_manifest(os.path.join(cp, "rootfs"))
         b = tree_manifest(os.path.join(ov, "rootfs"))
@@ -186,7 +197,7 @@ def _edit(root: str) -> None:
     os.symlink("etc/passwd", os.path.join(root, "pw"))
 
 
-def test_repack_reads_upper(require_root: None, layout: str, tmp_path: Path,
+def test_repack_reads_upper(require_root: None, mode: str, layout: str, tmp_path: Path,
                             bundles: list[str]) -> None:
     store, b = str(tmp_path / "store"), str(tmp_path / "b")
     bundles.append(b)

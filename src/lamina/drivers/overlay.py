@@ -62,6 +62,13 @@ if TYPE_CHECKING:
     from lamina.store import Store
 
 NAME = "overlay"
+# LAMINA_OVERLAY_FUSE=1: fuse-overlayfs even as root (to exercise the rootless path)
+FUSE_ENV = "LAMINA_OVERLAY_FUSE"
+
+
+def use_fuse() -> bool:
+    """Whether overlays are mounted with fuse-overlayfs instead of the kernel's."""
+    return not is_root() or os.environ.get(FUSE_ENV, "") not in ("", "0")
 # xattrs overlayfs keeps for itself: never part of a layer
 _OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
@@ -114,7 +121,7 @@ class OverlayDriver(Driver):
 
     @contextlib.contextmanager
     def _mounted(self, lowers: list[str], upper: str, work: str, tmp: str) -> Iterator[str]:
-        if is_root():
+        if not use_fuse():
             with mounts.detached_overlay(lowers, upper, work) as root:
                 yield root
             return
@@ -249,7 +256,7 @@ class OverlayDriver(Driver):
         # them from a read-only view of the image
         if len(lowers) == 1:
             return self._generate(lowers[0], runtime)
-        if len(lowers) > 1 and is_root():
+        if len(lowers) > 1 and not use_fuse():
             mfd = mounts.overlay_fd(lowers)
             try:
                 return self._generate(mounts.fd_path(mfd), runtime)
@@ -277,7 +284,7 @@ class OverlayDriver(Driver):
 
     @staticmethod
     def _mount_record(bundle: str, lowers: list[str]) -> Mount:
-        return Mount("overlay" if is_root() else "fuse.fuse-overlayfs", "overlay",
+        return Mount("fuse.fuse-overlayfs" if use_fuse() else "overlay", "overlay",
                      os.path.join(bundle, "rootfs"),
                      (f"lowerdir={':'.join(lowers)}",
                       f"upperdir={os.path.join(bundle, 'upper')}",
@@ -293,7 +300,7 @@ class OverlayDriver(Driver):
             os.makedirs(lowers[0], exist_ok=True)
             work = os.path.join(bundle, "work", "w")
             os.makedirs(work, exist_ok=True)
-        if is_root():
+        if not use_fuse():
             mfd = mounts.overlay_fd(lowers, upper, work)
             try:
                 mounts.attach(mfd, target)
@@ -309,7 +316,9 @@ class OverlayDriver(Driver):
     def delta_list(self, bundle: str) -> list[Change] | None:
         o = self.meta.get("options", {})
         from lamina.layer.idmap import IdMapping
+        fuse = any(m.type.startswith("fuse") for m in self.mounts())
         return upper_changes(os.path.join(bundle, "upper"), rootless=bool(o.get("rootless")),
+                             fuse_format=fuse,
                              uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
                              gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])))
 
@@ -429,7 +438,7 @@ def _mounted_lowers() -> set[str]:
     return out
 
 
-def upper_changes(upper: str, *, rootless: bool = False,
+def upper_changes(upper: str, *, rootless: bool = False, fuse_format: bool = False,
                   uid_map: tuple[Any, ...] = (), gid_map: tuple[Any, ...] = ()) -> list[Change]:
     """The changes an overlay upper directory records, as layer entries: a 0:0
     character device is a whiteout, an opaque directory is the directory plus
@@ -438,8 +447,20 @@ def upper_changes(upper: str, *, rootless: bool = False,
     from lamina.layer.idmap import ROOTLESS_XATTR, decode_rootless
     from lamina.layer.snapshot import walk
     out: list[Change] = []
+    opaque_dirs: set[str] = set()
     for path, st in walk(upper):
         parent, _, name = path.rpartition("/")
+        if name.startswith(wh.PREFIX) and fuse_format and not stat.S_ISDIR(st.st_mode):
+            # fuse-overlayfs's own markers: an opaque file, whiteout files when it
+            # cannot make devices, 0:0 devices for its bookkeeping
+            if name == wh.OPAQUE:
+                opaque_dirs.add(parent)
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                out.append(Change(path, "whiteout"))
+                continue
         if name.startswith(wh.PREFIX):
             raise BundleError(
                 f"/{path}: names starting with {wh.PREFIX!r} are reserved for whiteouts and "
@@ -463,7 +484,8 @@ def upper_changes(upper: str, *, rootless: bool = False,
             c.linkname = os.readlink(full)
         out.append(c)
         if opaque and c.kind == "dir":
-            out.append(Change(f"{path}/{wh.OPAQUE}", "opaque"))
+            opaque_dirs.add(path)
+    out += [Change(f"{d}/{wh.OPAQUE}" if d else wh.OPAQUE, "opaque") for d in opaque_dirs]
     out.sort(key=lambda c: sort_key(c.path))
     # files sharing an inode: the first name (in layer order) is the file, the others
     # hardlinks to it
@@ -512,9 +534,12 @@ class OverlayFactory:
             return reason
         if store_path is not None and fs_type(store_path) == "overlay":
             return f"the store {store_path} is itself on overlayfs (no upper dir there)"
-        if not is_root():
-            return None if have_tool("fuse-overlayfs") and os.path.exists("/dev/fuse") else (
-                "rootless overlay needs fuse-overlayfs and /dev/fuse")
+        if use_fuse():
+            if not have_tool("fuse-overlayfs"):
+                return "rootless overlay needs the fuse-overlayfs program"
+            if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+                return "rootless overlay needs read-write access to /dev/fuse"
+            return None
         return mounts.overlay_mount_works()
 
     def claim(self, req: ClaimRequest) -> Driver | None:
