@@ -117,9 +117,13 @@ def test_shared_layers_show_image_permissions_under_fuse_overlayfs(
     assert stat.S_IMODE(secret.stat().st_mode) & 0o444 == 0o444
     assert os.getxattr(secret, "user.containers.override_stat") == b"1000:1000:0600"
     assert (top / "gone").exists() is False and (top / ".wh.gone").exists()
-    # a second share reuses the directories
+    # a second share reuses the directories; one layer alone by its ChainID
     r = run_lamina(["share", "--json", "--store", str(store), "img"])
     assert json.loads(r.stdout)["made"] == 0
+    chain = "sha256:" + bottom.name
+    r = run_lamina(["share", "--json", "--store", str(store), chain])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["lowers"] == [str(bottom)]
 
     r = run_lamina(["unpack", "-q", "--image", f"{tmp_path}/l:t", str(tmp_path / "b")])
     assert r.returncode == 0, r.stderr
@@ -143,6 +147,8 @@ def test_shared_layers_show_image_permissions_under_fuse_overlayfs(
     assert stat.S_IMODE(os.stat(store / "blobs").st_mode) == 0o700
 
 
-def test_share_unknown_image(tmp_path: Path) -> None:
+def test_share_unknown_image_or_layer(tmp_path: Path) -> None:
     r = run_lamina(["share", "--store", str(tmp_path / "s"), "nope"])
+    assert r.returncode == 3, r.stderr
+    r = run_lamina(["share", "--store", str(tmp_path / "s"), "sha256:" + "a" * 64])
     assert r.returncode == 3, r.stderr

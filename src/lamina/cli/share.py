@@ -19,7 +19,8 @@ def register(sub: Any) -> None:
     store_arg(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    p.add_argument("image", metavar="NAME[:TAG]", help="an image in the store")
+    p.add_argument("image", metavar="NAME[:TAG]|CHAIN_ID",
+                   help="an image in the store, or one layer by its ChainID (sha256:...)")
     p.set_defaults(run=run)
 
 

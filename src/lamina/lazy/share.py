@@ -1,7 +1,8 @@
 """Stored layers as read-only lower directories other users can mount.
 
-``lamina share IMAGE`` writes, for each layer of a stored image, the layer's
-own entries (its diff, not the merged tree) into the store's extraction
+``lamina share IMAGE`` (or ``lamina share CHAIN_ID`` for one layer) writes,
+for each layer of a stored image, the layer's own entries (its diff, not the
+merged tree) into the store's extraction
 directory ``extract/share/<chain id hex>``, in the layout fuse-overlayfs reads
 as a lower layer: OCI whiteouts stay ``.wh.NAME`` files and opaque markers
 ``.wh..wh..opq`` files, which fuse-overlayfs honours in lower directories.
@@ -218,21 +219,28 @@ def _open_for_traversal(store: Store) -> None:
 
 
 def share_image(store: Store, name: str) -> ShareResult:
-    """Write (or reuse) the shared lower directory of every layer of image *name*."""
-    img = store.image(name)
-    res = ShareResult(img.name)
+    """Write (or reuse) the shared lower directory of every layer of image *name*;
+    *name* may also be one layer's ChainID (``sha256:...``) to share that layer alone."""
+    if name.startswith("sha256:"):
+        diff_ids = store.chain(name)        # NotFoundError when the store lacks it
+        pairs = [(name, diff_ids[-1])]
+        res = ShareResult(name)
+    else:
+        img = store.image(name)
+        pairs = [(la.chain_id, la.diff_id) for la in img.layers]
+        res = ShareResult(img.name)
     with store.session():
         _open_for_traversal(store)
-        for layer in img.layers:
-            with store.extraction_lock(DRIVER, layer.chain_id):
-                ex = store.extraction(DRIVER, layer.chain_id)
+        for chain_id, diff_id in pairs:
+            with store.extraction_lock(DRIVER, chain_id):
+                ex = store.extraction(DRIVER, chain_id)
                 if ex is None or ex.state != "ready" or not os.path.isdir(ex.path):
                     if ex is not None:
-                        store.remove_extraction(DRIVER, layer.chain_id)
-                    with store.stage_extraction(DRIVER, layer.chain_id) as stage:
-                        _write_layer(store, layer.diff_id, stage)
+                        store.remove_extraction(DRIVER, chain_id)
+                    with store.stage_extraction(DRIVER, chain_id) as stage:
+                        _write_layer(store, diff_id, stage)
                     res.made += 1
-                    ex = store.extraction(DRIVER, layer.chain_id)
+                    ex = store.extraction(DRIVER, chain_id)
                     assert ex is not None
                 res.lowers.append(ex.path)
     res.lowers.reverse()
