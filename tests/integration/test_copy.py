@@ -364,17 +364,24 @@ def test_socket_flag_errors(tmp_path: Path) -> None:
 
 def test_unpack_from_a_store_server(served: tuple[Server, list[bytes]], tmp_path: Path) -> None:
     src, _ = served
+    from lamina.drivers.manage import release_bundle
     from lamina.ipc.client import SyncStoreClient
-    with SyncStoreClient(src.sock) as c:
-        c.unpack("app:v1", str(tmp_path / "bundle"))
-        with pytest.raises(UsageError):     # a layout on the server is not the client's
-            c.unpack(f"{src.store.parent / 'lay'}:v1", str(tmp_path / "b2"))
-    assert not (tmp_path / "b2").exists()
-    rootfs = tmp_path / "bundle" / "rootfs"
-    assert (rootfs / "bin" / "big0").stat().st_size == MiB
-    assert os.readlink(rootfs / "bin" / "sh") == "big0"
-    assert not (rootfs / "etc" / "hostname").exists()     # whited out by the second layer
-    assert json.loads((tmp_path / "bundle" / "config.json").read_text())["ociVersion"]
+    bundle = tmp_path / "bundle"
+    rootfs = bundle / "rootfs"
+    try:
+        with SyncStoreClient(src.sock) as c:
+            c.unpack("app:v1", str(bundle))
+            with pytest.raises(UsageError):     # a layout on the server is not the client's
+                c.unpack(f"{src.store.parent / 'lay'}:v1", str(tmp_path / "b2"))
+        assert not (tmp_path / "b2").exists()
+        assert (rootfs / "bin" / "big0").stat().st_size == MiB
+        assert os.readlink(rootfs / "bin" / "sh") == "big0"
+        assert not (rootfs / "etc" / "hostname").exists()     # whited out by layer 2
+        assert json.loads((bundle / "config.json").read_text())["ociVersion"]
+    finally:
+        if bundle.exists():
+            release_bundle(str(bundle))     # the store's driver may have mounted it
+    assert not os.path.ismount(rootfs)
 
 
 def test_server_already_holding_a_layer_under_another_blob(

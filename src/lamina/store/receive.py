@@ -34,8 +34,11 @@ import io
 import os
 import re
 import stat
+import struct
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -48,6 +51,8 @@ from lamina.store.objects import SMALL, object_name, syncfs
 from lamina.stream.splitdirfdstream import (
     FICLONE,
     FILE,
+    INLINE,
+    MAX_NAME,
     METADATA,
     Chunk,
     DataReader,
@@ -64,6 +69,8 @@ if TYPE_CHECKING:
 
 _IO = 1 << 20
 _OBJ_NAME = re.compile(rb"^([0-9a-f]{2})/([0-9a-f]{62})$")
+_SCAN = 4 << 20             # read-ahead when scanning a cloned tar-split
+_CLONERS = 4               # threads cloning objects in a trusted copy
 _HINT_PEER = "the sender's stream or the files it references do not match the layer"
 
 
@@ -98,6 +105,60 @@ def object_hex(chunk: Chunk) -> str | None:
         return None
     m = _OBJ_NAME.match(chunk.name)
     return (m.group(1) + m.group(2)).decode() if m else None
+
+
+_HDR = struct.Struct("<BI")
+_FILE_HDR = struct.Struct("<BQII")
+
+
+def _scan_files(f: BinaryIO, stats: ReceiveStats) -> Iterator[Chunk]:
+    """The file chunks of a trusted stream, skipping over the bytes of all others
+    (counted into ``stats.tar_size``); the names are checked by :func:`object_hex`."""
+    buf = b""
+    pos = 0
+
+    def need(n: int) -> bool:
+        nonlocal buf, pos
+        if len(buf) - pos >= n:
+            return True
+        more = f.read(max(n - (len(buf) - pos), _SCAN))
+        buf = buf[pos:] + more
+        pos = 0
+        if len(buf) >= n:
+            return True
+        if buf:
+            raise CorruptLayerError("truncated splitdirfdstream in a trusted store tar-split",
+                                    hint="run 'lamina fsck' on the source store")
+        return False
+
+    while need(1):
+        kind = buf[pos]
+        if kind == FILE:
+            need(_FILE_HDR.size)
+            _k, size, idx, n = _FILE_HDR.unpack_from(buf, pos)
+            if n == 0 or n > MAX_NAME:
+                raise CorruptLayerError(f"bad file name length {n} in a store tar-split",
+                                        hint="run 'lamina fsck' on the source store")
+            need(_FILE_HDR.size + n)
+            name = bytes(buf[pos + _FILE_HDR.size:pos + _FILE_HDR.size + n])
+            pos += _FILE_HDR.size + n
+            yield Chunk(FILE, None, size, idx, name)
+            continue
+        if kind not in (METADATA, INLINE):
+            raise CorruptLayerError(f"unknown chunk type 0x{kind:02x} in a store tar-split",
+                                    hint="run 'lamina fsck' on the source store")
+        need(_HDR.size)
+        _k, n = _HDR.unpack_from(buf, pos)
+        stats.tar_size += n
+        skip = _HDR.size + n
+        if len(buf) - pos >= skip:
+            pos += skip
+        else:
+            skip -= len(buf) - pos
+            buf, pos = b"", 0
+            if f.seek(skip, os.SEEK_CUR) > os.fstat(f.fileno()).st_size:
+                raise CorruptLayerError("truncated splitdirfdstream in a trusted store "
+                                        "tar-split", hint="run 'lamina fsck' on the source store")
 
 
 class _ChunkTar:
@@ -189,6 +250,9 @@ class _Receiver:
         self.refs: dict[str, int] = {}
         self.stats = ReceiveStats()
         self.temps: list[str] = []
+        self._subdirs: dict[str, int] = {}
+        self._tmpfile = True        # O_TMPFILE + FICLONE works here, until it does not
+        self._mu = threading.Lock()
 
     def tmpname(self, kind: str) -> str:
         name = f"{kind}-{os.getpid()}-{os.urandom(6).hex()}"
@@ -196,6 +260,9 @@ class _Receiver:
         return name
 
     def cleanup(self) -> None:
+        for fd in self._subdirs.values():
+            os.close(fd)
+        self._subdirs.clear()
         for name in self.temps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self.sfd)
@@ -332,8 +399,14 @@ class _Receiver:
     def trusted(self, stream: BinaryIO, dirfds: Sequence[int],
                 out: StreamWriter | None) -> None:
         """Clone the objects a store's tar-split names; re-encode it into *out* (None:
-        it was cloned already)."""
-        for c in read_chunks(stream):
+        it was cloned already).
+
+        Objects are looked up in the index in batches (a row is committed only after
+        its file, and gc cannot run while we hold the store), and the missing ones
+        are cloned on a few threads: cloning is system calls, which run in parallel.
+        """
+        want: dict[str, Chunk] = {}
+        for c in (read_chunks(stream) if out is not None else _scan_files(stream, self.stats)):
             self.stats.tar_size += c.size
             if c.kind != FILE:
                 assert c.data is not None
@@ -345,27 +418,102 @@ class _Receiver:
                 raise UsageError(f"file chunk {c.name!r} does not name a store object",
                                  hint="trust_source is only for streams of a lamina store")
             self.stats.files += 1
-            if self.objw.exists(hexd):
-                self.stats.present_bytes += c.size
-            else:
-                src = open_ref(dirfds, c)
-                try:
-                    tmp, cloned = self._clone(src)
-                finally:
-                    os.close(src)
-                if self._publish_object(tmp, hexd):
-                    self.stats.new_objects += 1
-                    if cloned:
-                        self.stats.reflinked_bytes += c.size
-                    else:
-                        self.stats.copied_bytes += c.size
-                else:
-                    self.stats.present_bytes += c.size
             self.refs[hexd] = c.size
+            want.setdefault(hexd, c)
             if out is not None:
                 out.file_ref(c.size, 0, object_name(hexd))
         if out is not None:
             out.flush()
+        if not dirfds and want:
+            raise UsageError("a store's stream needs its objects directory as dirfd 0")
+        present = self._indexed(list(want))
+        missing = [(h, c) for h, c in want.items() if h not in present]
+        self.stats.present_bytes += sum(want[h].size for h in present)
+        def work(part: list[tuple[str, Chunk]]) -> list[tuple[bool, bool]]:
+            return [self._clone_object(dirfds[0], h, c) for h, c in part]
+
+        # one slice per thread: a future per object would cost more than the clone
+        n = max(1, min(_CLONERS, len(missing) // 256))
+        parts = [missing[i::n] for i in range(n)]
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            done = list(pool.map(work, parts))
+        results = [(hc, r) for part, rs in zip(parts, done, strict=True)
+                   for hc, r in zip(part, rs, strict=True)]
+        for (_h, c), (created, cloned) in results:
+            if not created:
+                self.stats.present_bytes += c.size
+            else:
+                self.stats.new_objects += 1
+                if cloned:
+                    self.stats.reflinked_bytes += c.size
+                else:
+                    self.stats.copied_bytes += c.size
+
+    def _indexed(self, hexds: list[str]) -> set[str]:
+        """The objects among *hexds* this store's index records."""
+        out: set[str] = set()
+        for i in range(0, len(hexds), 500):
+            part = [f"sha256:{h}" for h in hexds[i:i + 500]]
+            rows = self.store.db.query(
+                f"SELECT digest FROM objects WHERE digest IN ({','.join('?' * len(part))})",
+                tuple(part))
+            out.update(str(r[0])[7:] for r in rows)
+        return out
+
+    def _subdir(self, prefix: str) -> int:
+        fd = self._subdirs.get(prefix)
+        if fd is None:
+            fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=self.objw.dir_fd)
+            old = self._subdirs.setdefault(prefix, fd)
+            if old != fd:       # another thread was first
+                os.close(fd)
+                fd = old
+        return fd
+
+    def _clone_object(self, src_dir: int, hexd: str, chunk: Chunk) -> tuple[bool, bool]:
+        """Clone one trusted object (its name is ``ab/62 hex``, checked); returns
+        ``(created, cloned)``.  An unnamed O_TMPFILE in ``objects/ab/`` gets the data
+        and is then linked under its name, so it appears whole and never replaces a
+        file; without O_TMPFILE or FICLONE, the staging path is taken."""
+        assert chunk.name is not None
+        src = os.open(chunk.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                      dir_fd=src_dir)
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != chunk.size:
+                raise CorruptLayerError(
+                    f"object sha256:{hexd} of the source store is not a {chunk.size}-byte "
+                    "file", hint="run 'lamina fsck' on the source store")
+            if self._tmpfile:
+                d = self._subdir(hexd[:2])
+                try:
+                    fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o444,
+                                 dir_fd=d)
+                except OSError:
+                    self._tmpfile = False
+                else:
+                    try:
+                        fcntl.ioctl(fd, FICLONE, src)
+                        if self.objw._fchmod:
+                            os.fchmod(fd, 0o444)
+                        try:
+                            os.link(f"/proc/self/fd/{fd}", hexd[2:], dst_dir_fd=d)
+                        except FileExistsError:
+                            return False, True
+                        self.objw.known.add(hexd)
+                        return True, True
+                    except OSError:
+                        self._tmpfile = False   # no FICLONE here (or no /proc): staging
+                    finally:
+                        os.close(fd)
+            with self._mu:
+                tmp = self.tmpname("recv")
+            cloned = import_file(src, self.sfd, tmp, mode=0o444)
+            with self._mu:
+                return self._publish_object(tmp, hexd), cloned
+        finally:
+            os.close(src)
 
     # -- blobs ---------------------------------------------------------------------------
     def stage_blob(self, blob: BlobInput, verify: bool) -> str:
