@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -81,6 +82,7 @@ class Fetcher:
         self._blob: dict[int, str] = {}
         self._gz: dict[int, Any] = {}
         self._zst: dict[int, str] = {}
+        self._lock = threading.Lock()
         os.makedirs(cache_dir, exist_ok=True)
 
     def _count(self, n: int) -> None:
@@ -109,7 +111,14 @@ class Fetcher:
         return path
 
     def cached(self, node: Node) -> str:
-        """The cache path holding *node*'s verified content, fetching it if needed."""
+        """The cache path holding *node*'s verified content, fetching it if needed.
+
+        Thread-safe: fetches are serialized (a layer's gzip reader has one position).
+        """
+        with self._lock:
+            return self._cached(node)
+
+    def _cached(self, node: Node) -> str:
         path = os.path.join(self.cache_dir, node.sha256)
         if os.path.exists(path):
             self.stats.cache_hits += 1

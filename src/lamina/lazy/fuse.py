@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import pyfuse3
+import trio
 
 from lamina.errors import LaminaError
 from lamina.lazy.fetch import Fetcher
@@ -128,7 +129,8 @@ class LazyOperations(pyfuse3.Operations):
             return b""
         if fd < 0:
             try:
-                path = self.fetcher.cached(n)
+                # off the event loop: lookups and cached reads go on during a fetch
+                path = await trio.to_thread.run_sync(self.fetcher.cached, n)
             except LaminaError as e:
                 log.error("fetching inode %d: %s", n.ino, e.message)
                 raise _err(errno.EIO) from None
