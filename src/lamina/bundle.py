@@ -61,6 +61,8 @@ class UnpackOptions:
     gid_map: tuple[IdMapping, ...] = ()
     keep_dirlinks: bool = False
     hooks: HookOptions | None = None    # None: no hooks (the CLI reads the hooks.toml files)
+    # --annotation KEY=VALUE: shown to hooks on top of the image's annotations
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -269,7 +271,7 @@ def resolve_image(ref: ImageRef, platform: Platform | None,
 def _hook_doc(opts: UnpackOptions, bundle: str, rootfs: str,
               manifest: Manifest) -> dict[str, Any]:
     return {"bundle": bundle, "rootfs": rootfs, "manifest": manifest.digest,
-            "annotations": dict(manifest.annotations or {}),
+            "annotations": {**(manifest.annotations or {}), **dict(opts.annotations)},
             "options": {"rootless": opts.rootless,
                         "uid_map": [str(m) for m in opts.uid_map],
                         "gid_map": [str(m) for m in opts.gid_map]}}

@@ -306,3 +306,15 @@ def test_hooks_from_xdg_config(tmp_path: Path, env: dict[str, str]) -> None:
     assert p.returncode == 12 and "exit status 5" in json.loads(p.stdout)["message"]
     shutil.rmtree(xdg)
     assert unpack(layout, tmp_path / "b", env).returncode == 0
+
+
+def test_hooks_through_the_copy_driver(tmp_path: Path, env: dict[str, str]) -> None:
+    layout = tmp_path / "layout"
+    build_image(str(layout), "t", layers())
+    log = tmp_path / "log"
+    h = script(tmp_path / "h.sh", f'jq -r .annotations.who >> {log}\n')
+    cfg = hooks_file(tmp_path, [("layer.post-extract", h, "")])
+    p = unpack(layout, tmp_path / "b", env, "--driver", "copy", "--annotation", "who=me",
+               "--hooks", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert log.read_text() == "me\nme\nme\n"

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
         rootless=args.rootless,
         uid_map=tuple(IdMapping.parse(m) for m in args.uid_map),
         gid_map=tuple(IdMapping.parse(m) for m in args.gid_map),
-        keep_dirlinks=args.keep_dirlinks)
+        keep_dirlinks=args.keep_dirlinks, hooks=HookOptions(files=tuple(args.hooks)))
     res = unpack_with_driver(dopts, ui.progress("unpacking"))
     _report(args, ui, args.image, res)
     return 0

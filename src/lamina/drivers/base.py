@@ -44,6 +44,7 @@ from lamina.oci.model import Descriptor, ImageConfig, Manifest
 
 if TYPE_CHECKING:
     from lamina.bundle import Progress, UnpackResult
+    from lamina.hooks import HookOptions
     from lamina.layer.diff import Change
     from lamina.oci.layout import OCILayout
     from lamina.store import Store
@@ -138,6 +139,7 @@ class ClaimRequest:
     gid_map: tuple[IdMapping, ...] = ()
     keep_dirlinks: bool = False
     forced: bool = False                # the user named this driver (--driver)
+    hooks: HookOptions | None = None    # hooks.toml files (lamina.hooks); None: no hooks
 
 
 class Driver(ABC):

@@ -34,7 +34,8 @@ class CopyDriver(Driver):
             extra = {"driver": self.name, "store": r.store.path, "image": r.image}
         opts = UnpackOptions(image=ref, bundle=r.bundle, rootless=r.rootless,
                              uid_map=r.uid_map, gid_map=r.gid_map,
-                             keep_dirlinks=r.keep_dirlinks)
+                             keep_dirlinks=r.keep_dirlinks, hooks=r.hooks,
+                             annotations=tuple(r.annotations.items()))
         return unpack_resolved(layout, r.manifest, r.config, opts, progress, meta_extra=extra)
 
 

@@ -21,6 +21,7 @@ from lamina.oci.model import ImageConfig, Manifest, Platform
 
 if TYPE_CHECKING:
     from lamina.bundle import Progress, UnpackResult
+    from lamina.hooks import HookOptions
     from lamina.store import Store
 
 
@@ -37,6 +38,7 @@ class DriverUnpackOptions:
     uid_map: tuple[IdMapping, ...] = ()
     gid_map: tuple[IdMapping, ...] = ()
     keep_dirlinks: bool = False
+    hooks: HookOptions | None = None
 
 
 def is_layout(image: str) -> bool:
@@ -84,4 +86,5 @@ def _request(opts: DriverUnpackOptions, manifest: Manifest, cfg: ImageConfig,
         read_only=opts.read_only,
         annotations={**manifest.annotations, **dict(opts.annotations)},
         store=store, layout=layout, image=image, tag=tag, rootless=opts.rootless,
-        uid_map=opts.uid_map, gid_map=opts.gid_map, keep_dirlinks=opts.keep_dirlinks)
+        uid_map=opts.uid_map, gid_map=opts.gid_map, keep_dirlinks=opts.keep_dirlinks,
+        hooks=opts.hooks)

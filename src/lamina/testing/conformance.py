@@ -43,7 +43,7 @@ writable and read-only:
     ``--refresh-bundle`` in between; the driver :meth:`open` gives for the
     refreshed bundle must still work.
 ``usage`` / ``remove``
-    ``usage`` gives non-negative numbers; the driver the factory ``open``\\ s
+    ``usage`` gives non-negative numbers; the driver the factory's ``open`` makes
     for the bundle removes it completely, mounts included.
 ``errors``
     a corrupt layer blob and a non-empty target are LaminaErrors that leave
