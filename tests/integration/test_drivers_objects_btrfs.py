@@ -423,3 +423,44 @@ def test_sigkill_mid_unpack_then_retry(kind: str, tmp_path: Path) -> None:
     finally:
         for _ in gen:
             pass
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+def _json_out(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    import json
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, object] = json.loads(proc.stdout)
+    return out
+
+
+def test_cli_btrfs_and_objects(btrfs: Path, images: Path) -> None:
+    from conftest import run_lamina
+    store = btrfs / "store"
+    lay = btrfs / "layout"
+    subprocess.run(["cp", "-a", str(images), str(lay)], check=True)
+    listed = _json_out(run_lamina(["drivers", "--json", "--store", str(store)]))
+    by_name = {d["name"]: d for d in listed["drivers"]}  # type: ignore[attr-defined]
+    assert by_name["btrfs"]["can_run"] is True
+    assert by_name["objects"]["can_run"] is True
+    first = _json_out(run_lamina(["unpack", "--json", "--driver", "btrfs", "--store",
+                                  str(store), "--image", f"{lay}:a", str(btrfs / "a")]))
+    assert first["driver"] == "btrfs" and first["reused"] == 0
+    second = _json_out(run_lamina(["unpack", "--json", "--driver", "btrfs", "--store",
+                                   str(store), "--image", f"{lay}:b", str(btrfs / "b")]))
+    assert second["driver"] == "btrfs" and second["reused"] == 2
+    ro = _json_out(run_lamina(["unpack", "--json", "--driver", "objects", "--read-only",
+                               "--store", str(store), "--image", f"{lay}:b",
+                               str(btrfs / "b-ro")]))
+    assert ro["driver"] == "objects"
+    # a change in a btrfs bundle repacks into a layer with exactly that change
+    (btrfs / "a/rootfs/etc/added").write_text("added\n")
+    rep = _json_out(run_lamina(["repack", "--json", "--image", f"{lay}:a2", str(btrfs / "a")]))
+    assert rep["added"] == 2          # etc (its mtime changed) and etc/added
+    assert run_lamina(["fsck", "--store", str(store)]).returncode == 0
+    # a bundle elsewhere than the store's filesystem: btrfs refuses clearly
+    bad = run_lamina(["unpack", "--driver", "btrfs", "--store", str(store), "--image",
+                      f"{lay}:a", "/var/tmp/lamina-test-not-btrfs-bundle"])
+    assert bad.returncode != 0
+    assert "not on the store's btrfs filesystem" in bad.stderr
+    assert not os.path.exists("/var/tmp/lamina-test-not-btrfs-bundle")

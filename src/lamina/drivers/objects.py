@@ -174,7 +174,7 @@ class ObjectsFactory:
     description = ("rootfs files are reflinks of store objects (btrfs, xfs), or hardlinks "
                    "for read-only bundles; copies elsewhere")
     capabilities = Capabilities(needs_root=False, rootless_ok=True, needs_store=True,
-                                features=("reflink (optional)",), writes=("bundle", "store"))
+                                writes=("bundle", "store"))
 
     def check_here(self, store_path: str | None) -> str | None:
         return check_capabilities(self.capabilities, store_path)
