@@ -344,3 +344,23 @@ def test_copy_driver_from_store_and_layout(layout: str, tmp_path: Path) -> None:
     assert diff_manifests(ta, tree_manifest(os.path.join(b, "rootfs"))) == []
     assert diff_manifests(ta, tree_manifest(os.path.join(c, "rootfs"))) == []
     assert json.loads(Path(c, "lamina.json").read_text())["driver"] == "copy"
+
+
+def test_gc_keeps_mounted_chains(require_root: None, layout: str, tmp_path: Path,
+                                 bundles: list[str]) -> None:
+    store, b = str(tmp_path / "store"), str(tmp_path / "b")
+    bundles.append(b)
+    _unpack(store, f"{layout}:three", b)
+    ex = Path(store) / "extract" / "overlay"
+    assert len(os.listdir(ex)) == 3
+    r = run_lamina(["rmi", "--store", store, "layout:three"])
+    assert r.returncode == 0, r.stderr
+    assert run_lamina(["gc", "--store", store]).returncode == 0
+    assert len(os.listdir(ex)) == 3                       # mounted: the chain is a GC root
+    assert Path(b, "rootfs", "top").read_text() == "top"    # still readable
+    assert Path(b, "rootfs", "usr", "lib", "libfoo.1").read_bytes() == b"foo" * 1000
+    assert run_lamina(["umount", b]).returncode == 0
+    r = run_lamina(["gc", "--store", store])
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(ex) == []
+    assert run_lamina(["fsck", "--store", store]).returncode == 0
