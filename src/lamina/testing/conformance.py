@@ -236,6 +236,12 @@ class _Run:
         reason = self.f.check_here(store_dir if self.use_store else None)
         if reason:
             raise DriverUnavailable(f"driver {self.f.name} cannot run here: {reason}")
+        # later commands (repack, remove) find a bundle's driver by the name in lamina.json:
+        # a factory under test that is not installed is registered for this process
+        from lamina.drivers.registry import default_registry
+        reg = default_registry()
+        if self.f.name not in reg.names():
+            reg.register(self.f.name, self.f, origin="conformance kit")
         layout = os.path.join(self.work, "layout")
         imgs = images(self.root)
         for name, (tars, comps) in imgs.items():
