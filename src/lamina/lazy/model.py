@@ -317,6 +317,8 @@ class FrozenTree:
     """A merged tree read from :func:`dump_tree` bytes, inodes decoded on demand."""
 
     def __init__(self, data: bytes, count: int, total: int, table: int, rows: int) -> None:
+        self.manifest = ""
+        self.path = ""              # where it was read from, when it was
         self._data = data
         self.count = count
         self.total_size = total
@@ -349,6 +351,7 @@ class FrozenTree:
         t = cls(data, count, total, table, rows)
         if t._off[-1] != len(data) - rows:
             return None
+        t.manifest = manifest
         return t
 
     def node(self, ino: int) -> Node | None:

@@ -106,6 +106,7 @@ def index_image(image: ImageRef, platform: Platform | None = None, *, build: boo
     except FileNotFoundError:
         tree = None
     if tree is not None:
+        tree.path = tree_path
         light = [light_index(layout, d, i) for d, i in pairs]
         if all(li is not None for li in light):
             return tree, [li for li in light if li is not None], descs, 0
@@ -126,6 +127,7 @@ def index_image(image: ImageRef, platform: Platform | None = None, *, build: boo
     atomic_write(tree_path, data)
     frozen = FrozenTree.load(data, manifest.digest)
     assert frozen is not None
+    frozen.path = tree_path
     for li in out:
         li.members = []     # the tree has what the mount needs; free the lists
     return frozen, out, descs, built
@@ -157,23 +159,31 @@ def mount(opts: LazyMountOptions) -> MountResult:
                          hint=f"unmount it first: lamina umount {target}")
     if not os.path.exists("/dev/fuse"):
         raise EnvironmentError_("/dev/fuse is missing", hint="load the fuse module (modprobe fuse)")
-    tree, layers, descs, built = index_image(opts.image, opts.platform,
-                                             build=opts.build_index)
-    t1 = time.monotonic()
-    fuse_at = target
-    state = ""
-    if opts.writable:
-        state = os.path.abspath(opts.writable)
-        for d in ("lower", "upper", "work"):
-            os.makedirs(os.path.join(state, d), exist_ok=True)
-        fuse_at = os.path.join(state, "lower")
-    own_cache = opts.cache_dir is None
-    cache = opts.cache_dir or tempfile.mkdtemp(prefix="lamina-lazy-", dir="/var/tmp")
-    fetcher = Fetcher(layers, descs, cache, opts.plugins)
-    pid = _spawn(tree, fetcher, fuse_at, target if state else "", own_cache, opts.stats_file)
+    fuse_at = os.path.join(os.path.abspath(opts.writable), "lower") if opts.writable else target
+    overlay = target if opts.writable else ""
+    # the daemon starts first: its imports (trio, pyfuse3: most of a mount's time) run
+    # on the other CPU while this process reads the indexes; it then gets a job or EOF
+    daemon = _Daemon.start(opts, fuse_at, overlay)
     try:
-        if state:
-            up, wk = os.path.join(state, "upper"), os.path.join(state, "work")
+        tree, layers, descs, built = index_image(opts.image, opts.platform,
+                                                 build=opts.build_index)
+        t1 = time.monotonic()
+        if opts.writable:
+            for d in ("lower", "upper", "work"):
+                os.makedirs(os.path.join(opts.writable, d), exist_ok=True)
+        cache = opts.cache_dir or tempfile.mkdtemp(prefix="lamina-lazy-", dir="/var/tmp")
+        daemon.send({"tree": tree.path, "manifest": tree.manifest, "descs": descs,
+                     "cache": cache, "own_cache": opts.cache_dir is None,
+                     "layers": [[li.blob, li.diff_id, li.compression, li.blob_path,
+                                 li.gzidx_path] for li in layers]})
+    except BaseException:
+        daemon.abort()
+        raise
+    pid = daemon.pid
+    try:
+        if overlay:
+            up, wk = os.path.join(opts.writable or "", "upper"), os.path.join(
+                opts.writable or "", "work")
             r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                                 f"lowerdir={fuse_at},upperdir={up},workdir={wk}", target],
                                capture_output=True, text=True)
@@ -183,72 +193,112 @@ def mount(opts: LazyMountOptions) -> MountResult:
                                         hint="writable lazy mounts need root and overlayfs")
         os.makedirs(run_dir(), exist_ok=True)
         with open(_record_path(target), "w") as f:
-            json.dump({"pid": pid, "mountpoint": target, "lower": fuse_at if state else "",
+            json.dump({"pid": pid, "mountpoint": target, "lower": fuse_at if overlay else "",
                        "image": str(opts.image)}, f)
     except BaseException:
         _stop(pid, fuse_at)
         raise
     return MountResult(target, pid, len(layers), tree.count, built,
-                       t1 - t0, time.monotonic() - t0, fuse_at if state else "", cache)
+                       t1 - t0, time.monotonic() - t0, fuse_at if overlay else "", cache)
 
 
-def _spawn(tree: FrozenTree, fetcher: Fetcher, fuse_at: str, overlay: str, own_cache: bool,
-           stats_file: str | None) -> int:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(r)
-        code = 0
+class _Daemon:
+    """The forked FUSE server: started early, then given its job (or EOF: exit)."""
+
+    def __init__(self, pid: int, job_w: int, ready_r: int, fuse_at: str) -> None:
+        self.pid, self._job_w, self._ready_r, self._fuse_at = pid, job_w, ready_r, fuse_at
+
+    @classmethod
+    def start(cls, opts: LazyMountOptions, fuse_at: str, overlay: str) -> _Daemon:
+        job_r, job_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(job_w)
+            os.close(ready_r)
+            _daemon_main(opts, fuse_at, overlay, job_r, ready_w)   # never returns
+        os.close(job_r)
+        os.close(ready_w)
+        return cls(pid, job_w, ready_r, fuse_at)
+
+    def abort(self) -> None:
+        os.close(self._job_w)       # EOF: the daemon exits without mounting
+        os.close(self._ready_r)
+        os.waitpid(self.pid, 0)
+
+    def send(self, job: dict[str, Any]) -> None:
+        """Hand the job over and wait until the mount answers (or the daemon failed)."""
+        data = json.dumps(job).encode()
         try:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            _serve(tree, fetcher, fuse_at, overlay, w)
-        except BaseException as e:
-            msg = e.message if isinstance(e, LaminaError) else f"{type(e).__name__}: {e}"
-            try:
-                os.write(w, b"E" + msg.encode()[:4000])
-            except OSError:
-                pass
-            code = 1
+            while data:
+                data = data[os.write(self._job_w, data):]
         finally:
+            os.close(self._job_w)
+        got = b""
+        try:
+            while not got.startswith(b"R") and (chunk := os.read(self._ready_r, 4096)):
+                got += chunk
+        finally:
+            os.close(self._ready_r)
+        if not got.startswith(b"R"):
+            os.waitpid(self.pid, 0)
+            msg = got[1:].decode(errors="replace") or "the FUSE daemon died before mounting"
+            raise EnvironmentError_(f"cannot mount {self._fuse_at} with FUSE: {msg}",
+                                    hint="check that /dev/fuse is usable (fuse3 installed)")
+
+
+def _daemon_main(opts: LazyMountOptions, fuse_at: str, overlay: str, job_r: int,
+                 ready: int) -> None:
+    code = 0
+    fetcher: Fetcher | None = None
+    job: dict[str, Any] = {}
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        import indexed_gzip  # noqa: F401 - imported now, not on the first read
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+
+        import lamina.lazy.fuse  # noqa: F401
+        data = b""
+        while chunk := os.read(job_r, 1 << 16):
+            data += chunk
+        os.close(job_r)
+        if not data:
+            os._exit(0)         # the parent failed before mounting
+        job = json.loads(data)
+        with open(job["tree"], "rb") as f:
+            tree = FrozenTree.load(f.read(), job["manifest"])
+        if tree is None:
+            raise EnvironmentError_(f"the stored tree {job['tree']} changed while mounting")
+        layers = [LayerIndex(b, d, c, [], p, g) for b, d, c, p, g in job["layers"]]
+        fetcher = Fetcher(layers, job["descs"], job["cache"], opts.plugins)
+        _serve(tree, fetcher, fuse_at, overlay, ready)
+    except BaseException as e:
+        msg = e.message if isinstance(e, LaminaError) else f"{type(e).__name__}: {e}"
+        try:
+            os.write(ready, b"E" + msg.encode()[:4000])
+        except OSError:
+            pass
+        code = 1
+    finally:
+        if fetcher is not None:
             fetcher.close()
-            if stats_file:
+            if opts.stats_file:
                 try:
-                    with open(stats_file, "w") as f:
+                    with open(opts.stats_file, "w") as f:
                         json.dump(fetcher.stats.to_json(), f)
                 except OSError:
                     pass
-            if own_cache:
-                shutil.rmtree(fetcher.cache_dir, ignore_errors=True)
-            if overlay:
-                try:
-                    os.unlink(_record_path(overlay))
-                except OSError:
-                    pass
-            else:
-                try:
-                    os.unlink(_record_path(fuse_at))
-                except OSError:
-                    pass
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while True:
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        data += chunk
-        if data.startswith(b"R"):
-            break
-    os.close(r)
-    if not data.startswith(b"R"):
-        os.waitpid(pid, 0)
-        msg = data[1:].decode(errors="replace") or "the FUSE daemon died before mounting"
-        raise EnvironmentError_(f"cannot mount {fuse_at} with FUSE: {msg}",
-                                hint="check that /dev/fuse is usable (fuse3 installed)")
-    return pid
+        if job.get("own_cache"):
+            shutil.rmtree(job["cache"], ignore_errors=True)
+        try:
+            os.unlink(_record_path(overlay or fuse_at))
+        except OSError:
+            pass
+        os._exit(code)
 
 
 def _serve(tree: FrozenTree, fetcher: Fetcher, fuse_at: str, overlay: str, ready: int) -> None:
