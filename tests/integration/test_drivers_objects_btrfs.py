@@ -69,7 +69,11 @@ def _loopfs(kind: str, tmp_path: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-d", str(mnt)], check=False, capture_output=True)
+        # -R: also whatever a failed test left mounted inside (an overlay bundle)
+        r = subprocess.run(["umount", "-R", str(mnt)], check=False, capture_output=True)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-R", "-l", str(mnt)], check=False,
+                           capture_output=True)
 
 
 @pytest.fixture
@@ -464,3 +468,13 @@ def test_cli_btrfs_and_objects(btrfs: Path, images: Path) -> None:
     assert bad.returncode != 0
     assert "not on the store's btrfs filesystem" in bad.stderr
     assert not os.path.exists("/var/tmp/lamina-test-not-btrfs-bundle")
+    # lamina gc removes the per-chain subvolumes once no ref needs them; bundles stay
+    assert run_lamina(["rmi", "--store", str(store), "layout:a", "layout:b"]).returncode == 0
+    gc = run_lamina(["gc", "--store", str(store)])
+    assert gc.returncode == 0, gc.stderr
+    left = subprocess.run(["btrfs", "subvolume", "list", "-o", str(btrfs)], check=True,
+                          capture_output=True, text=True).stdout
+    assert "store/" not in left, left
+    assert "a/rootfs" in left and "b/rootfs" in left
+    assert (btrfs / "b/rootfs/usr/lib/big3").read_bytes() == _blob(3, 2 * MiB)
+    assert run_lamina(["fsck", "--store", str(store)]).returncode == 0
