@@ -18,7 +18,8 @@ writable and read-only:
 
 ``declaration``
     name, description and :class:`~lamina.drivers.base.Capabilities` are
-    well-formed; ``writes`` names only ``bundle``, ``store`` or absolute paths.
+    well-formed; ``writes`` names only ``bundle``, ``store``, ``layout`` (the
+    image's OCI layout) or absolute paths.
 ``claim``
     the driver claims the request (with :attr:`ConformanceOptions.annotations`)
     and writes nothing while deciding; with ``declines_without`` set it
@@ -219,9 +220,9 @@ class _Run:
             self.fail("declaration", "factory", "capabilities is not a Capabilities")
             ok = False
         for w in self.caps.writes:
-            if w not in ("bundle", "store") and not os.path.isabs(w):
-                self.fail("declaration", "factory",
-                          f"writes entry {w!r} is not 'bundle', 'store' or an absolute path")
+            if w not in ("bundle", "store", "layout") and not os.path.isabs(w):
+                self.fail("declaration", "factory", f"writes entry {w!r} is not 'bundle', "
+                          "'store', 'layout' or an absolute path")
         if not isinstance(f, DriverFactory):
             self.fail("declaration", "factory",
                       "not a DriverFactory (name, capabilities, description, check_here, "
@@ -314,6 +315,9 @@ class _Run:
         ok = [bundle]
         if "store" in self.caps.writes:
             ok.append(os.path.join(self.work, "store"))
+        if "layout" in self.caps.writes:  # the image's own OCI layout
+            ok += [os.path.join(self.work, "layout"), os.path.join(self.work, "corrupt-layout")]
+        ok += [w for w in self.caps.writes if os.path.isabs(w)]
         return tuple(ok)
 
     def check_image(self, layout: str, name: str, read_only: bool, n: int) -> None:
