@@ -364,3 +364,24 @@ def test_gc_keeps_mounted_chains(require_root: None, layout: str, tmp_path: Path
     assert r.returncode == 0, r.stderr
     assert os.listdir(ex) == []
     assert run_lamina(["fsck", "--store", store]).returncode == 0
+
+
+def test_rootless_ownership_equals_copy(require_root: None, layout: str, tmp_path: Path,
+                                        bundles: list[str]) -> None:
+    """--rootless: ownership in the user.rootlesscontainers xattr, devices skipped,
+    the same through the overlay as in a copy; repack reads it back."""
+    store, ov, cp = (str(tmp_path / n) for n in ("store", "ov", "cp"))
+    bundles.append(ov)
+    _unpack(store, f"{layout}:three", ov, "--rootless")
+    r = run_lamina(["unpack", "--rootless", "--image", f"{layout}:three", cp])
+    assert r.returncode == 0, r.stderr
+    a, b = tree_manifest(os.path.join(cp, "rootfs")), tree_manifest(os.path.join(ov, "rootfs"))
+    assert diff_manifests(a, b, names=("copy", "overlay")) == []
+    assert "user.rootlesscontainers" in b["etc/keep"].get("xattrs", {})
+    Path(ov, "rootfs", "etc", "keep").write_text("edited")
+    r = run_lamina(["repack", "--image", f"{layout}:rl", "--json", ov])
+    assert r.returncode == 0, r.stderr
+    chk = str(tmp_path / "chk")
+    _copy_unpack(f"{layout}:rl", chk)
+    st = os.lstat(os.path.join(chk, "rootfs", "etc", "keep"))
+    assert (st.st_uid, st.st_gid) == (9, 9)          # the image's owner, from the xattr
