@@ -28,7 +28,8 @@ from pathlib import Path
 
 import common
 
-LAMINA = [sys.executable, "-m", "lamina"]
+LAMINA: list[str] = []
+
 
 # rebuilds an image of STORE as uncompressed tar layers in LAYOUT (run as its own process)
 _EXPORT = r"""
@@ -76,6 +77,8 @@ def main() -> int:
     ap.add_argument("--size-gb", type=float, default=6.0)
     ap.add_argument("--out", default=str(common.REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
+    global LAMINA
+    LAMINA = common.lamina_cmd(None)
     if os.geteuid() != 0:
         print("error: needs root (loop mount)", file=sys.stderr)
         return 2
@@ -147,6 +150,7 @@ def main() -> int:
         img.unlink(missing_ok=True)
 
     base = common.median([x[0] for x in rows["tar export + lamina import"]])
+    copy_used = common.median([x[1] for x in rows["lamina copy (store -> store)"]])
     lines = [
         f"## Copy: `lamina copy` between stores on {args.fs} vs tar export + import",
         "",
@@ -162,17 +166,18 @@ def main() -> int:
         "",
         common.md_table(
             ["method", "wall s", "speed-up vs tar", "new blocks MB",
-             "% of uncompressed image", "target"],
+             "% of uncompressed image", "% of source store", "target"],
             [[label, f"{common.median([x[0] for x in v]):.2f}",
               f"{base / common.median([x[0] for x in v]):.1f}x",
               f"{common.median([x[1] for x in v]) / 1e6:.1f}",
               f"{100 * common.median([x[1] for x in v]) / tar_size:.1f}%",
+              f"{100 * common.median([x[1] for x in v]) / src_used:.1f}%",
               ("" if label.startswith("tar") else
                ("PASS" if base / common.median([x[0] for x in v]) >= 10 and
                 common.median([x[1] for x in v]) < 0.05 * tar_size else "MISS")
                if "--verify" not in label else "(verified: not the target)")]
              for label, v in rows.items()],
-            [False, True, True, True, True, False]),
+            [False, True, True, True, True, True, False]),
         "",
         f"- One run per method (`--repeat {args.repeat}`), in the order shown, each into a "
         "fresh store on the same filesystem (removed afterwards, outside the timing); `sync` "
@@ -190,6 +195,18 @@ def main() -> int:
         "them into objects again (blobs hardlinked from the layout). Its new blocks include "
         "the exported layout. The closest honest equivalent of `docker save | docker load`.",
         f"- Setup (untimed): `lamina import` of the image into A took {setup_s:.1f} s.",
+        f"- What the store-to-store copy writes: no file data. Its {copy_used / 1e6:.1f} MB of "
+        f"new blocks are about {copy_used / nfiles:.0f} bytes per file with content: the new "
+        "object's inode (512 bytes on xfs), its rows in lamina.db (about 370 bytes) and "
+        "directory entries. So the 5% target holds for images whose files average more "
+        f"than about {copy_used / nfiles * 20 / 1000:.0f} KB; this one averages "
+        f"{tar_size / nfiles / 1000:.0f} KB.",
+        "- Why the 10x target is missed: a per-file store makes one clone, one inode and one "
+        "link per file; that kernel work (the same as `cp -a --reflink=always` of the objects "
+        "directory) takes seconds for tens of thousands of files on this busy loop device, "
+        "while the baseline's import of *uncompressed* tars is cheap (no decompression, blobs "
+        "hardlinked from the layout). `--verify` also rereads and rehashes all the data and "
+        "runs the per-file splitter, so it is no faster than re-importing.",
         "- Other load during the runs (CPU seconds per second of everything else, from "
         "/proc/stat), max: " + ", ".join(
             f"{k} {max((x[2] or 0.0) for x in v):.2f}" for k, v in rows.items()) + ". "
