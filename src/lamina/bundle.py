@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina import __version__
 from lamina.errors import (
@@ -36,7 +36,6 @@ from lamina.errors import (
     NotFoundError,
     UnsafeLayerError,
 )
-from lamina.hooks import HookOptions, HookRunner
 from lamina.layer.compression import LayerPipeline, LayerSource
 from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
 from lamina.layer.idmap import IdMapping
@@ -46,6 +45,9 @@ from lamina.layer.tarstream import TarReader
 from lamina.oci import runtime
 from lamina.oci.layout import ImageRef, OCILayout
 from lamina.oci.model import ImageConfig, Manifest, Platform
+
+if TYPE_CHECKING:
+    from lamina.hooks import HookOptions, HookRunner
 
 METADATA = "lamina.json"
 SNAPSHOT = "lamina.snapshot"
@@ -233,6 +235,7 @@ def _apply_layers(layout: OCILayout, layers: Any, diff_ids: tuple[str, ...],
 # -- hooks (see lamina.hooks and docs/plugins.md) ---------------------------------------
 
 def _hook_runner(opts: UnpackOptions) -> HookRunner:
+    from lamina.hooks import HookRunner  # on use: most library callers pass no hooks
     return HookRunner.load(opts.hooks) if opts.hooks is not None else HookRunner([])
 
 
