@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import IO, Any, cast
 
 import zstandard
 from isal import isal_zlib
@@ -33,92 +33,99 @@ QUEUE_CHUNKS = 16          # at most ~16 MiB of decoded data in flight
 _MAX_OUT = CHUNK           # per decompress call: bounds memory on decompression bombs
 
 
-class _Decoder(Protocol):
-    def feed(self, data: bytes) -> list[bytes]: ...
-    def finish(self) -> list[bytes]: ...
+class _Blob:
+    """The raw blob as the decoders pull it: hashed, counted, size-checked, reported."""
+
+    def __init__(self, f: Any, src: LayerSource, progress: Callable[[int], None] | None,
+                 cancel: threading.Event) -> None:
+        self._f = f
+        self._src = src
+        self._progress = progress
+        self._cancel = cancel
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def read(self, size: int = CHUNK) -> bytes:
+        if self._cancel.is_set():
+            return b""
+        data: bytes = self._f.read(min(size, CHUNK) if size > 0 else CHUNK)
+        if data:
+            self.n += len(data)
+            if self.n > self._src.desc.size:
+                raise DigestMismatchError(
+                    f"layer {self._src.desc.digest} is larger than its descriptor's "
+                    f"{self._src.desc.size} bytes", hint="the layout is corrupt; re-pull the image")
+            self.h.update(data)
+            if self._progress is not None:
+                self._progress(len(data))
+        return data
+
+    def check_rest(self) -> None:
+        """Read to the end and check the digest: a damaged blob is better reported as a
+        digest mismatch, if it is one."""
+        while self.n <= self._src.desc.size and self.read(CHUNK):
+            pass
+        _check_blob(self._src, self.h, self.n)
 
 
-class _Identity:
-    def feed(self, data: bytes) -> list[bytes]:
-        return [data]
+# Decoders turn the pulled blob into decoded chunks of at most CHUNK bytes, one at a
+# time, so a decompression bomb never holds more than the queue's worth in memory.
 
-    def finish(self) -> list[bytes]:
-        return []
+def _identity(blob: _Blob) -> Iterator[bytes]:
+    while data := blob.read(CHUNK):
+        yield data
 
 
-class _Gzip:
+def _gzip(blob: _Blob) -> Iterator[bytes]:
     """Multi-member gzip (RFC 1952 allows concatenated members; pigz emits them)."""
-
-    def __init__(self) -> None:
-        self._d: Any = isal_zlib.decompressobj(wbits=31)
-        self._seen = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        try:
+    d: Any = isal_zlib.decompressobj(wbits=31)
+    seen = False
+    try:
+        while data := blob.read(CHUNK):
             while True:
-                if self._d.eof:
+                if d.eof:
                     if not data.strip(b"\0"):
-                        return out  # zero padding after the last member, or nothing left
-                    self._d = isal_zlib.decompressobj(wbits=31)
-                chunk = self._d.decompress(data, _MAX_OUT)
-                self._seen = True
+                        break  # zero padding after the last member, or nothing left
+                    d = isal_zlib.decompressobj(wbits=31)
+                chunk = d.decompress(data, _MAX_OUT)
+                seen = True
                 if chunk:
-                    out.append(chunk)
-                data = self._d.unused_data if self._d.eof else self._d.unconsumed_tail
+                    yield chunk
+                data = d.unused_data if d.eof else d.unconsumed_tail
                 # a full output buffer may leave output pending with no input left
                 if not data and len(chunk) < _MAX_OUT:
-                    return out
-        except isal_zlib.IsalError as e:  # type: ignore[misc]
-            raise CorruptLayerError(f"corrupt gzip data: {e}",
-                                    hint="the layer blob is damaged") from None
-
-    def finish(self) -> list[bytes]:
-        if not self._d.eof or not self._seen:
-            raise CorruptLayerError("truncated gzip stream (no end of stream marker)",
-                                    hint="the layer blob is incomplete")
-        return []
+                    break
+    except isal_zlib.IsalError as e:  # type: ignore[misc]
+        raise CorruptLayerError(f"corrupt gzip data: {e}",
+                                hint="the layer blob is damaged") from None
+    if not d.eof or not seen:
+        raise CorruptLayerError("truncated gzip stream (no end of stream marker)",
+                                hint="the layer blob is incomplete")
 
 
-class _Zstd:
-    def __init__(self) -> None:
-        self._ctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
-        self._d: Any = self._ctx.decompressobj()
-        self._seen = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        try:
-            while data:
-                if self._d.eof:
-                    self._d = self._ctx.decompressobj()
-                chunk = self._d.decompress(data)
-                self._seen = True
-                if chunk:
-                    out.append(chunk)
-                data = self._d.unused_data if self._d.eof else b""
-        except zstandard.ZstdError as e:
-            raise CorruptLayerError(f"corrupt zstd data: {e}",
-                                    hint="the layer blob is damaged") from None
-        return out
-
-    def finish(self) -> list[bytes]:
-        if not self._seen or not self._d.eof:
-            raise CorruptLayerError("truncated zstd stream (frame not finished)",
-                                    hint="the layer blob is incomplete")
-        return []
+def _zstd(blob: _Blob) -> Iterator[bytes]:
+    # stream_reader bounds each read's output (decompressobj returns all of it at
+    # once); it does not flag a stream cut at a frame boundary or inside a frame, but
+    # the blob digest and the diff_id, both checked at the end, do
+    ctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+    try:
+        reader = ctx.stream_reader(cast(IO[bytes], blob), read_size=CHUNK,
+                                   read_across_frames=True)
+        while chunk := reader.read(CHUNK):
+            yield chunk
+    except zstandard.ZstdError as e:
+        raise CorruptLayerError(f"corrupt zstd data: {e}",
+                                hint="the layer blob is damaged") from None
+    if blob.n == 0:
+        raise CorruptLayerError("empty zstd stream", hint="the layer blob is incomplete")
 
 
-def decoder_for(media_type: str) -> _Decoder:
+def decoder_for(media_type: str) -> Callable[[_Blob], Iterator[bytes]]:
     comp = mt.LAYER_COMPRESSION.get(media_type)
     if comp is None:
         raise UnsupportedError(f"unsupported layer media type {media_type!r}",
                                hint="supported: tar, tar+gzip, tar+zstd (and non-distributable)")
-    if comp == "gzip":
-        return _Gzip()
-    if comp == "zstd":
-        return _Zstd()
-    return _Identity()
+    return {"gzip": _gzip, "zstd": _zstd}.get(comp, _identity)
 
 
 @dataclass(frozen=True)
@@ -234,50 +241,22 @@ class LayerPipeline:
             if self._cancel.is_set():
                 return
 
-    @staticmethod
-    def _check_rest(f: Any, src: LayerSource, blob_h: Any, n: int) -> None:
-        while n <= src.desc.size:
-            data = f.read(CHUNK)
-            if not data:
-                break
-            blob_h.update(data)
-            n += len(data)
-        _check_blob(src, blob_h, n)
-
     def _decode_one(self, src: LayerSource, q: queue.Queue[object]) -> None:
-        dec = decoder_for(src.desc.media_type)
-        blob_h = hashlib.sha256()
+        decode = decoder_for(src.desc.media_type)
         diff_h = hashlib.sha256()
-        n = 0
         with src.open() as f:
-            while not self._cancel.is_set():
-                data = f.read(CHUNK)
-                if not data:
-                    break
-                n += len(data)
-                if n > src.desc.size:
-                    raise DigestMismatchError(
-                        f"layer {src.desc.digest} is larger than its descriptor's "
-                        f"{src.desc.size} bytes", hint="the layout is corrupt; re-pull the image")
-                blob_h.update(data)
-                if self._progress is not None:
-                    self._progress(len(data))
-                try:
-                    decoded = dec.feed(data)
-                except CorruptLayerError:
-                    # a damaged blob is better reported as a digest mismatch, if it is one
-                    self._check_rest(f, src, blob_h, n)
-                    raise
-                for out in decoded:
+            blob = _Blob(f, src, self._progress, self._cancel)
+            try:
+                for out in decode(blob):
                     diff_h.update(out)
                     if not self._put(q, out):
                         return
-        if self._cancel.is_set():
-            return
-        _check_blob(src, blob_h, n)   # the whole blob was read: digest first, then format
-        for out in dec.finish():
-            diff_h.update(out)
-            self._put(q, out)
+            except CorruptLayerError:
+                blob.check_rest()
+                raise
+            if self._cancel.is_set():
+                return
+            blob.check_rest()   # the whole blob was read: digest first, then format
         got = "sha256:" + diff_h.hexdigest()
         if got != src.diff_id:
             raise DigestMismatchError(
