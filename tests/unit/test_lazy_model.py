@@ -143,3 +143,42 @@ def test_override_stat_format() -> None:
     assert override_value(0, 42, 0o640) == b"0:42:0640"
     assert override_value(1000, 1000, 0o4755) == b"1000:1000:04755"
     assert override_value(0, 0, 0o100644) == b"0:0:0644"
+
+
+def test_multi_frame_zstd_reads_only_the_frames_needed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zstandard
+
+    from lamina.lazy.fetch import Fetcher
+    from lamina.testing import images
+
+    plain = images.compress
+
+    def framed(data: bytes, codec: str) -> bytes:   # one frame per 64 KiB, like pzstd
+        if codec != "zstd":
+            return plain(data, codec)
+        c = zstandard.ZstdCompressor(level=3)
+        return b"".join(c.compress(data[i:i + 65536]) for i in range(0, len(data), 65536))
+
+    monkeypatch.setattr(images, "compress", framed)
+    files = {f"f{i}": os.urandom(50_000) for i in range(40)}
+    tb = TarBuilder()
+    for name, data in files.items():
+        tb.add_file(name, data)
+    images.build_image(str(tmp_path / "l"), "t", [tb.build()], compression="zstd")
+    lay = OCILayout.open(str(tmp_path / "l"))
+    m = lay.resolve("t")
+    desc, diff_id = m.layers[0], lay.config_for(m).diff_ids[0]
+    idx, _ = ensure_index(lay, desc, diff_id)
+    assert idx.seek_path.endswith(".zframes")
+    tree = FrozenTree.of(build_tree([idx]), "sha256:m")
+    root = tree.node(ROOT_INO)
+    assert root is not None
+    fetcher = Fetcher([idx], [desc.to_json()], str(tmp_path / "cache"))
+    for name in ("f30", "f0", "f39"):
+        node = tree.lookup(root, name)
+        assert node is not None
+        assert Path(fetcher.cached(node)).read_bytes() == files[name]
+    # three 50 kB files out of a 2 MB blob: a few frames each, not the whole layer
+    assert fetcher.stats.files_fetched == 3
+    assert fetcher.stats.blob_bytes_read < desc.size / 3

@@ -18,7 +18,9 @@ a path of an OCI layout holding it (the ``lookup`` hook of
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -82,6 +84,7 @@ class Fetcher:
         self._blob: dict[int, str] = {}
         self._gz: dict[int, Any] = {}
         self._zst: dict[int, str] = {}
+        self._frames: dict[int, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         os.makedirs(cache_dir, exist_ok=True)
 
@@ -153,7 +156,7 @@ class Fetcher:
             g = self._gz.get(layer)
             if g is None:
                 g = indexed_gzip.IndexedGzipFile(fileobj=CountingFile(blob, self._count),
-                                                 drop_handles=False, index_file=li.gzidx_path,
+                                                 drop_handles=False, index_file=li.seek_path,
                                                  readbuf_size=_GZ_READBUF)
                 self._gz[layer] = g
             g.seek(offset)
@@ -164,6 +167,9 @@ class Fetcher:
                     raise CorruptLayerError(f"layer {li.blob} ends inside a file's data")
                 left -= len(data)
                 yield data
+            return
+        if li.compression == "zstd" and li.seek_path:
+            yield from self._zstd_frames(layer, blob, offset, size)
             return
         if li.compression == "zstd":
             blob = self._zstd_tar(layer, blob)
@@ -181,6 +187,42 @@ class Fetcher:
                     self._count(len(data))
                 left -= len(data)
                 yield data
+
+    def _zstd_frames(self, layer: int, blob: str, offset: int, size: int) -> Any:
+        # frames are independent: decompress from the last frame starting at or before
+        # *offset*, skip to it, read on (across frames) until *size* bytes
+        import zstandard
+        frames = self._frames.get(layer)
+        if frames is None:
+            with open(self.layers[layer].seek_path, "rb") as f:
+                frames = [(int(c), int(u)) for c, u in json.load(f)]
+            self._frames[layer] = frames
+        i = bisect.bisect_right([u for _c, u in frames], offset) - 1
+        c, u = frames[max(i, 0)]
+        src = CountingFile(blob, self._count)
+        try:
+            src.seek(c)
+            r = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+                src, read_across_frames=True)  # type: ignore[arg-type]
+            skip = offset - u
+            while skip:
+                got = r.read(min(skip, _CHUNK))
+                if not got:
+                    raise CorruptLayerError(f"layer {self.layers[layer].blob} ends early")
+                skip -= len(got)
+            left = size
+            while left:
+                data = r.read(min(left, _CHUNK))
+                if not data:
+                    raise CorruptLayerError(
+                        f"layer {self.layers[layer].blob} ends inside a file's data")
+                left -= len(data)
+                yield bytes(data)
+        except zstandard.ZstdError as e:
+            raise CorruptLayerError(f"layer {self.layers[layer].blob}: corrupt zstd data: {e}",
+                                    hint="the blob changed since it was indexed") from None
+        finally:
+            src.close()
 
     def _zstd_tar(self, layer: int, blob: str) -> str:
         # no seek points in a single-frame zstd blob: decompress it once, keep the tar

@@ -14,14 +14,17 @@ Random access into the compressed blob:
   ``indexed_gzip`` exports and imports these points, which plain ``zlib``
   cannot do (it exposes neither ``inflatePrime`` nor the window).
 - ``none``: the uncompressed offset is the blob offset.
-- ``zstd``: no checkpoints (a zstd frame cannot be entered in the middle); the
-  first read decompresses the whole blob once into the mount's cache and
-  later reads come from there.  Multi-frame blobs could be indexed per frame;
-  not done yet.
+- ``zstd`` with several frames (zstd:chunked, pzstd, ``zstd --block-size``):
+  frames are independent, so the index keeps where each starts
+  (:class:`ZstdFrames`) and a read decompresses from the last frame start at
+  or before the wanted range.
+- ``zstd`` in one frame: no seek points exist (a frame cannot be entered in
+  the middle); the first read decompresses the whole blob once into the
+  mount's cache and later reads come from there.
 
-Files: ``LAYOUT/.lamina-lazy/<blob hex>.json`` (the member list) and, for gzip,
-``<blob hex>.gzidx``; written to a temporary name and renamed, so a reader
-never sees half an index.
+Files: ``LAYOUT/.lamina-lazy/<blob hex>.json`` (the member list) and
+``<blob hex>.gzidx`` (gzip) or ``<blob hex>.zframes`` (multi-frame zstd);
+written to a temporary name and renamed, so a reader never sees half an index.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class LayerIndex:
     compression: str        # none, gzip, zstd
     members: list[Member]
     blob_path: str          # where the blob lies
-    gzidx_path: str         # the gzip seek index ("" unless gzip)
+    seek_path: str         # the gzip seek index ("" unless gzip)
 
 
 def index_dir(layout: OCILayout) -> str:
@@ -92,7 +95,14 @@ def index_dir(layout: OCILayout) -> str:
 
 def _paths(layout: OCILayout, desc: Descriptor) -> tuple[str, str]:
     d = index_dir(layout)
-    return os.path.join(d, desc.hex + ".json"), os.path.join(d, desc.hex + ".gzidx")
+    ext = ".zframes" if compression_of(desc) == "zstd" else ".gzidx"
+    return os.path.join(d, desc.hex + ".json"), os.path.join(d, desc.hex + ext)
+
+
+def _seek_path(comp: str, path: str) -> str:
+    if comp == "gzip" or (comp == "zstd" and os.path.exists(path)):
+        return path
+    return ""
 
 
 def compression_of(desc: Descriptor) -> str:
@@ -144,6 +154,53 @@ class CountingFile:
         return self._f.closed
 
 
+class ZstdFrames:
+    """Decompress a (multi-frame) zstd stream and note where each frame starts.
+
+    ``frames`` holds ``[compressed offset, uncompressed offset]`` of every frame
+    start, then of the end: frames are independent, so a reader may start
+    decompressing at any of them (zstd:chunked and pzstd write one per chunk).
+    """
+
+    def __init__(self, f: Any) -> None:
+        import zstandard
+        self._f = f
+        self._ctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+        self._d: Any = self._ctx.decompressobj()
+        self._pending = b""
+        self._in = 0
+        self._out = 0
+        self._fresh = True
+        self.frames: list[list[int]] = [[0, 0]]
+
+    def read(self, _n: int) -> bytes:
+        while True:
+            chunk = self._pending or self._f.read(_READ)
+            self._pending = b""
+            if not chunk:
+                if not self._fresh:
+                    raise CorruptLayerError("truncated zstd stream (frame not finished)",
+                                            hint="the layer blob is incomplete")
+                return b""
+            if self._fresh and not chunk.strip(b"\0"):
+                continue        # zero padding after the last frame
+            self._fresh = False
+            out: bytes = self._d.decompress(chunk)
+            if self._d.eof:
+                rest: bytes = self._d.unused_data
+                self._in += len(chunk) - len(rest)
+                self._out += len(out)
+                self.frames.append([self._in, self._out])
+                self._d = self._ctx.decompressobj()
+                self._pending = rest
+                self._fresh = True
+            else:
+                self._in += len(chunk)
+                self._out += len(out)
+            if out:
+                return out
+
+
 def load_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex | None:
     """The stored index of *desc*, or None when it is missing or stale."""
     jpath, gpath = _paths(layout, desc)
@@ -171,7 +228,7 @@ def light_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex
     if comp == "gzip" and not os.path.exists(gpath):
         return None
     return LayerIndex(desc.digest, diff_id, comp, [], layout.blob_path(desc.digest),
-                      gpath if comp == "gzip" else "")
+                      _seek_path(comp, gpath))
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -228,8 +285,7 @@ def build_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex
                 raise CorruptLayerError(f"layer {desc.digest}: bad gzip stream: {e}") from None
             src_read: Callable[[int], bytes] = igz.read
         elif comp == "zstd":
-            zr = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
-                raw, read_across_frames=True)
+            zr = ZstdFrames(raw)
             src_read = zr.read
         else:
             src_read = raw.read
@@ -265,6 +321,8 @@ def build_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex
                "compression": comp, "members": [m.to_json() for m in members]}
         if igz is not None:
             _atomic(gpath, igz.export_index)
+        if zr is not None and len(zr.frames) > 2:     # several frames: a seek table
+            atomic_write(gpath, json.dumps(zr.frames).encode())
 
         def write_json(p: str) -> None:
             with open(p, "w") as f:
@@ -274,8 +332,7 @@ def build_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex
         if igz is not None:
             igz.close()
         raw.close()
-    return LayerIndex(desc.digest, diff_id, comp, members, blob_path,
-                      gpath if comp == "gzip" else "")
+    return LayerIndex(desc.digest, diff_id, comp, members, blob_path, _seek_path(comp, gpath))
 
 
 def ensure_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> tuple[LayerIndex, bool]:

@@ -175,7 +175,7 @@ def mount(opts: LazyMountOptions) -> MountResult:
         daemon.send({"tree": tree.path, "manifest": tree.manifest, "descs": descs,
                      "cache": cache, "own_cache": opts.cache_dir is None,
                      "layers": [[li.blob, li.diff_id, li.compression, li.blob_path,
-                                 li.gzidx_path] for li in layers]})
+                                 li.seek_path] for li in layers]})
     except BaseException:
         daemon.abort()
         raise
