@@ -212,6 +212,10 @@ def test_lookup_hook_finds_the_image_elsewhere(tmp_path: Path, env: dict[str, st
     assert (tmp_path / "b" / "rootfs" / "app" / "main").read_bytes() == b"main\n"
     p = unpack(empty, tmp_path / "c", env, "--hooks", str(cfg), tag="v2")
     assert p.returncode == 3  # declined: the usual not-found error
+    # the same through a chosen driver
+    p = unpack(empty, tmp_path / "d", env, "--hooks", str(cfg), "--driver", "copy", tag="v1")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "d" / "rootfs" / "app" / "main").read_bytes() == b"main\n"
 
 
 # -- repack ---------------------------------------------------------------------------------

@@ -53,8 +53,11 @@ def unpack_with_driver(opts: DriverUnpackOptions, progress: Progress | None = No
     if not need_store:
         from lamina.store.ids import chain_ids
         ref = ImageRef.parse(opts.image)
-        layout = OCILayout.open(ref.layout)
-        manifest = layout.resolve(ref.tag, opts.platform)
+        from lamina.bundle import resolve_image
+        from lamina.hooks import HookRunner
+        # an image missing from the layout may be found by a 'lookup' hook
+        hooks = HookRunner.load(opts.hooks) if opts.hooks is not None else HookRunner([])
+        layout, manifest = resolve_image(ref, opts.platform, hooks)
         cfg = layout.config_for(manifest)
         chains = chain_ids(cfg.diff_ids)
         req = _request(opts, manifest, cfg,
