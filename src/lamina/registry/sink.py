@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from lamina.errors import UsageError
 from lamina.oci.layout import OCILayout
 from lamina.oci.model import Descriptor
+
+if TYPE_CHECKING:
+    from lamina.store.store import ImportResult, Store
 
 PARTIAL_PREFIX = ".tmp-partial-"  # .tmp-*: 'lamina gc' reclaims them once stale
 
@@ -190,3 +195,37 @@ class _LayoutPartial:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._path)
             self._done = True
+
+
+class StoreSink(LayoutSink):
+    """Pull into the local store.
+
+    The manifest, config and the blobs the store lacks are downloaded into a
+    staging layout ``STORE/pulls/<key>/`` (kept between attempts, so an
+    interrupted pull resumes); a layer blob the store has already ingested is
+    not downloaded at all (the try-skip).  :meth:`finish` then imports the image
+    from the staging layout into the store, which verifies and ingests the new
+    layers, and removes the staging layout.
+    """
+
+    def __init__(self, store: Store, layout: OCILayout) -> None:
+        super().__init__(layout)
+        self.store = store
+        self._ingested = {li.blob for li in store.layers() if li.state == "ready"}
+
+    @classmethod
+    def for_pull(cls, store: Store, key: str) -> StoreSink:
+        path = os.path.join(store.path, "pulls", hashlib.sha256(key.encode()).hexdigest()[:32])
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if os.path.exists(os.path.join(path, "oci-layout")):
+            return cls(store, OCILayout.open(path))
+        return cls(store, OCILayout.init(path))
+
+    def has_blob(self, digest: str) -> bool:
+        return self.layout.has_blob(digest) or (
+            digest in self._ingested and self.store.has_blob(digest))
+
+    def finish(self, tag: str, name: str) -> ImportResult:
+        res = self.store.import_image(self.layout, tag, name)
+        shutil.rmtree(self.layout.path, ignore_errors=True)
+        return res
