@@ -51,12 +51,12 @@ def _mkfs(kind: str, image: Path) -> list[str]:
     return [need_tool("mkfs.ext4"), "-q", "-F", str(image)]
 
 
-def _loopfs(kind: str, tmp_path: Path) -> Iterator[Path]:
+def _loopfs(kind: str, tmp_path: Path, size: int = 400 * MiB) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("needs root (loop mounts)")
     image = tmp_path / f"{kind}.img"
     with open(image, "wb") as f:
-        f.truncate(400 * MiB)       # sparse; xfs wants >= 300 MiB
+        f.truncate(size)            # sparse; xfs wants >= 300 MiB
     subprocess.run(_mkfs(kind, image), check=True, capture_output=True)
     mnt = tmp_path / f"mnt-{kind}"
     mnt.mkdir()
@@ -478,3 +478,34 @@ def test_cli_btrfs_and_objects(btrfs: Path, images: Path) -> None:
     assert "a/rootfs" in left and "b/rootfs" in left
     assert (btrfs / "b/rootfs/usr/lib/big3").read_bytes() == _blob(3, 2 * MiB)
     assert run_lamina(["fsck", "--store", str(store)]).returncode == 0
+
+
+CORPUS = Path("/var/tmp/lamina-corpus/oci")
+
+
+@pytest.mark.skipif(not (CORPUS / "index.json").is_file(), reason="no corpus")
+def test_corpus_app_objects_and_btrfs_equal_copy(tmp_path: Path) -> None:
+    """The corpus app image (31,600 entries, whiteouts, xattrs, hardlinks)."""
+    need_tool("btrfs")
+    gen = _loopfs("btrfs", tmp_path, 6 << 30)
+    try:
+        _corpus_case(next(gen))
+    finally:
+        for _ in gen:
+            pass
+
+
+def _corpus_case(btrfs: Path) -> None:
+    want = copy_tree(CORPUS, "app", btrfs / "copy")
+    with open_store(btrfs / "store") as st:
+        st.import_image(str(CORPUS), "app", "app:1")
+        for name, fac, ro in (("btrfs", btrfs_factory, False),
+                              ("objects", objects_factory, False),
+                              ("objects-ro", objects_factory, True)):
+            drv = fac.claim(request(st, "app:1", btrfs / name, read_only=ro))
+            assert drv is not None
+            drv.prepare()
+            got = tree_manifest(str(btrfs / name / "rootfs"), mtime=True)
+            assert diff_manifests(want, got, ignore_root=True,
+                                  ignore_fields={"link_group"} if ro else ()) == [], name
+        assert st.fsck(quick=True).problems == []
