@@ -133,6 +133,7 @@ class _Opened:
     stream: int
     dirfds: Sequence[int]
     blob: BlobInput | None
+    local_store: bool = False   # the files are a store's objects this process opened
 
 
 class _Side(Protocol):
@@ -161,7 +162,7 @@ class _Local:
             try:
                 fd = src.open_stream()
                 try:
-                    yield _Opened(fd, src.dirfds, src.blob)
+                    yield _Opened(fd, src.dirfds, src.blob, local_store=True)
                 finally:
                     os.close(fd)
             finally:
@@ -201,7 +202,8 @@ class _Local:
             if isinstance(self.backend, LocalStoreBackend):
                 desc, digest, stats = await asyncio.to_thread(
                     self.backend.store.receive_layer, stream, src.dirfds, diff_id=diff_id,
-                    blob=src.blob, compression=compression, trust_source=trust)
+                    blob=src.blob, compression=compression, trust_source=trust,
+                    local_source=src.local_store)
                 return LayerRecord(desc, digest), stats
             rec = await asyncio.to_thread(self.backend.put_layer, stream, src.dirfds,
                                           diff_id=diff_id, compression=compression,

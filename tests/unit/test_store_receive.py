@@ -61,7 +61,7 @@ def _split(store: Store, did: str) -> bytes:
         return f.read()
 
 
-def _send(src: Store, dst: Store, *, trust: bool) -> None:
+def _send(src: Store, dst: Store, *, trust: bool, local: bool = False) -> None:
     img = src.image("app:v1")
     for ly in img.layers:
         bfd = os.open(src.blob_path(ly.desc.digest), os.O_RDONLY)
@@ -69,7 +69,7 @@ def _send(src: Store, dst: Store, *, trust: bool) -> None:
             with open(src.tar_split_path(ly.diff_id), "rb") as f:
                 desc, did, stats = dst.receive_layer(f, [src.objects_fd], diff_id=ly.diff_id,
                                                      blob=BlobInput(bfd, ly.desc),
-                                                     trust_source=trust)
+                                                     trust_source=trust, local_source=local)
         finally:
             os.close(bfd)
         assert (desc, did) == (ly.desc, ly.diff_id)
@@ -78,11 +78,11 @@ def _send(src: Store, dst: Store, *, trust: bool) -> None:
                   src.read_blob(img.manifest.config.digest))
 
 
-@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize(("trust", "local"), [(False, False), (False, True), (True, False)])
 def test_store_to_store_is_exact(src: tuple[Store, list[bytes]], dst: Store,
-                                 trust: bool) -> None:
+                                 trust: bool, local: bool) -> None:
     s, tars = src
-    _send(s, dst, trust=trust)
+    _send(s, dst, trust=trust, local=local)
     assert dst.image("app:v1").manifest.digest == s.image("app:v1").manifest.digest
     for t in tars:
         did = diff_id(t)

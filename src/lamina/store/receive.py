@@ -253,6 +253,10 @@ class _Receiver:
         self._subdirs: dict[str, int] = {}
         self._tmpfile = True        # O_TMPFILE + FICLONE works here, until it does not
         self._mu = threading.Lock()
+        # the stream's files are a local store's objects this process opened: hash them
+        # where they are (often in the page cache) instead of a private clone (new
+        # inode, read from disk); only a writer to that store could change them meanwhile
+        self.hash_in_place = False
 
     def tmpname(self, kind: str) -> str:
         name = f"{kind}-{os.getpid()}-{os.urandom(6).hex()}"
@@ -320,19 +324,29 @@ class _Receiver:
             claimed = object_hex(chunk)
             tmp: str | None = None
             cloned = False
-            if claimed is not None and self.objw.exists(claimed):
-                fd = self._ours(claimed)
-            else:
-                src = open_ref(dirfds, chunk)
-                try:
-                    tmp, cloned = self._clone(src)
-                finally:
-                    os.close(src)
-                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.sfd)
-            tar.serve_file(fd, chunk)
-            h = hashlib.sha256()
-            while b := data():
-                h.update(b)
+            keep = -1               # hashed in place: cloned once it was read
+            try:
+                if claimed is not None and self.objw.exists(claimed):
+                    fd = self._ours(claimed)
+                elif self.hash_in_place:
+                    keep = open_ref(dirfds, chunk)
+                    fd = os.dup(keep)
+                else:
+                    src = open_ref(dirfds, chunk)
+                    try:
+                        tmp, cloned = self._clone(src)
+                    finally:
+                        os.close(src)
+                    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.sfd)
+                tar.serve_file(fd, chunk)
+                h = hashlib.sha256()
+                while b := data():
+                    h.update(b)
+                if keep >= 0:
+                    tmp, cloned = self._clone(keep)
+            finally:
+                if keep >= 0:
+                    os.close(keep)
             hexd = h.hexdigest()
             if tmp is None:
                 if hexd != claimed:
@@ -565,8 +579,8 @@ class _Receiver:
 
 
 def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: str | None,
-            blob: BlobInput | None, compression: str,
-            trust_source: bool) -> tuple[Descriptor, str, ReceiveStats]:
+            blob: BlobInput | None, compression: str, trust_source: bool,
+            local_source: bool = False) -> tuple[Descriptor, str, ReceiveStats]:
     """Store one layer from a splitdirfdstream; the caller holds a session.
 
     Returns the blob descriptor, the diff_id and what it cost.
@@ -576,6 +590,7 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
     if diff_id is not None:
         hex_of(diff_id)
     r = _Receiver(store)
+    r.hash_in_place = local_source
     try:
         cloned = r.clone_split(stream) if trust_source else None
         if cloned is not None:

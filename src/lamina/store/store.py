@@ -679,20 +679,21 @@ class Store:
     @_host_errors
     def receive_layer(self, stream: BinaryIO, dirfds: Sequence[int], *,
                       diff_id: str | None = None, blob: BlobInput | None = None,
-                      compression: str = "gzip",
-                      trust_source: bool = False) -> tuple[Descriptor, str, ReceiveStats]:
+                      compression: str = "gzip", trust_source: bool = False,
+                      local_source: bool = False) -> tuple[Descriptor, str, ReceiveStats]:
         """Store a layer sent as a splitdirfdstream whose file chunks name files
         beneath *dirfds*; returns ``(blob descriptor, diff_id, stats)``.
 
         Referenced files are cloned (FICLONE, else copied) into objects, the tar
         is verified against *diff_id*, *blob* (an open compressed blob) is cloned
         and verified, or else the blob is regenerated with *compression*.  See
-        :mod:`lamina.store.receive` for ``trust_source``.
+        :mod:`lamina.store.receive` for ``trust_source`` and ``local_source``.
         """
         from lamina.store.receive import receive
         with self.session():
             return receive(self, stream, dirfds, diff_id=diff_id, blob=blob,
-                           compression=compression, trust_source=trust_source)
+                           compression=compression, trust_source=trust_source,
+                           local_source=local_source)
 
     @_host_errors
     def put_image(self, name: str, manifest: bytes, config: bytes) -> str:
