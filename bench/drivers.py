@@ -11,7 +11,10 @@ Parts (each a function in PARTS returning markdown lines; run once each):
   costs its import plus its top layer) vs a second image sharing all but a
   tiny top layer (`app-opaque` after `app`) vs hot (`app` again);
 - overlay repack after 10 changes in `many` (100,000 files) vs umoci repack of
-  the same edit in an umoci bundle.
+  the same edit in an umoci bundle;
+- objects and btrfs (``store_drivers``, from bench/drivers_store.py): warm vs
+  cold unpack of `app` and disk used by base+py+app against three copies, on
+  loop xfs (reflink=1), ext4 and btrfs filesystems made for it.
 
 Writes the section between <!-- bench:drivers:begin --> and
 <!-- bench:drivers:end --> of --out.  Every command runs once (the machine
@@ -177,8 +180,19 @@ def overlay_repack(ctx: Ctx) -> list[str]:
     ]
 
 
+def store_drivers(ctx: Ctx) -> list[str]:
+    """objects and btrfs: warm vs cold unpack and disk use, each on its own loop
+    filesystem (see bench/drivers_store.py, which also runs alone)."""
+    import drivers_store as ds
+    cases = [ds.Case(fs, d, ro, how) for fs, d, ro, how in ds.CASES]
+    scratch = ctx.work / "store-drivers"
+    scratch.mkdir(exist_ok=True)
+    copies = ds.measure(ctx.layout.parent, scratch, ctx.lamina, cases)
+    return ds.render(cases, copies, standalone=False).splitlines()
+
+
 # engineer-specific parts append themselves here (objects/btrfs: disk use, warm unpacks)
-PARTS: list[Callable[[Ctx], list[str]]] = [overlay_unpack, overlay_repack]
+PARTS: list[Callable[[Ctx], list[str]]] = [overlay_unpack, overlay_repack, store_drivers]
 
 
 def main() -> int:
