@@ -214,3 +214,22 @@ def test_cli_lists_hooks(tmp_path: Path, lamina: Any) -> None:
     p = lamina(["hooks", "--hooks", str(bad)], env=env)
     assert p.returncode == 12
     assert "unknown hook event 'nope'" in p.stderr
+
+
+def test_files_others_can_change_are_refused(tmp_path: Path) -> None:
+    h = script(tmp_path / "h.sh", "exit 0\n")
+    cfg = config(tmp_path, f'[["lookup"]]\npath = "{h}"\n')
+    assert len(runner(cfg).hooks) == 1
+    h.chmod(0o777)
+    with pytest.raises(HookError, match="is writable by other users") as ei:
+        runner(cfg)
+    assert ei.value.hint == f"chmod go-w {h}"
+    h.chmod(0o755)
+    cfg.chmod(0o666)
+    with pytest.raises(HookError, match=r"hooks file .* is writable by other users"):
+        runner(cfg)
+    cfg.chmod(0o644)
+    if os.geteuid() == 0:
+        os.chown(h, 12345, 12345)
+        with pytest.raises(HookError, match="belongs to uid 12345"):
+            runner(cfg)

@@ -85,9 +85,21 @@ def load_hooks(opts: HookOptions) -> list[Hook]:
     return hooks
 
 
+def _check_owner(path: str, what: str) -> None:
+    """Hooks run with lamina's privileges: refuse files other users could change."""
+    st = os.stat(path)
+    if st.st_uid not in (0, os.geteuid()):
+        raise HookError(f"{what} {path} belongs to uid {st.st_uid}, not to root or the "
+                        "user running lamina", hint="chown it, or remove it from the config")
+    if st.st_mode & 0o022:
+        raise HookError(f"{what} {path} is writable by other users",
+                        hint=f"chmod go-w {path}")
+
+
 def _load_file(path: str) -> list[Hook]:
     import tomllib  # only when a hooks file exists: most runs have none
 
+    _check_owner(path, "hooks file")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -129,6 +141,7 @@ def _hook(source: str, event: str, i: int, e: Any) -> Hook:
                         hint="install the hook or remove it from " + source)
     if not os.access(path, os.X_OK):
         raise HookError(f"{where}: {path} is not executable", hint=f"chmod +x {path}")
+    _check_owner(path, f"{where}: executable")
     args = e.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise HookError(f"{where}: 'args' must be a list of strings", hint=hint)
