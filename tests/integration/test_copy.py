@@ -403,3 +403,27 @@ def test_server_already_holding_a_layer_under_another_blob(
         assert [x.diff_id for x in img.layers] == [diff_id(t) for t in tars]
     _fsck_ok(empty.store)
     _exports_match(empty.store, tars)
+
+
+def test_hold_keeps_put_layers_from_gc_until_the_pipe_closes(empty: Server) -> None:
+    from lamina.ipc.client import StoreBusyError, SyncStoreClient
+    tar = _layers(big=MiB, n_big=1)[1]
+    with SyncStoreClient(empty.sock) as c:
+        lease = c.hold()
+        rec = c.put_tar(io.BytesIO(tar), diff_id=diff_id(tar))
+        with pytest.raises(StoreBusyError):
+            c.gc()
+        assert c.has_layer(rec.diff_id)
+        os.close(lease)
+        for _ in range(100):
+            try:
+                res = c.gc()
+                break
+            except StoreBusyError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the hold was not released after its pipe closed")
+        # no tag reached the layer: gc collected it once the hold was gone
+        assert not c.has_layer(rec.diff_id)
+        assert res
+    _fsck_ok(empty.store)
