@@ -259,6 +259,9 @@ class _LayoutSide(_Local):
     def __init__(self, ep: Endpoint, create: bool) -> None:
         self.endpoint = ep
         if create and not os.path.exists(os.path.join(ep.path, "oci-layout")):
+            if os.path.isdir(ep.path) and os.listdir(ep.path):
+                raise UsageError(f"{ep.path} is not an OCI layout and not empty",
+                                 hint="copy into a new directory or an existing layout")
             OCILayout.init(ep.path)
         self.layout_backend = LayoutBackend(ep.path)
         self.backend = self.layout_backend

@@ -187,6 +187,11 @@ def test_store_and_layout_both_ways(tmp_path: Path) -> None:
     p = _json(["copy", f"store:{tmp_path / 's'}", f"store:{tmp_path / 's3'}"], rc=2)
     assert "names no image" in p.stdout
     assert not (tmp_path / "s3").exists()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    p = _json(["copy", f"store:{tmp_path / 's'}:app:v1", f"oci:{tmp_path / 'junk'}:v1"], rc=2)
+    assert "not an OCI layout" in p.stdout
+    assert os.listdir(tmp_path / "junk") == ["file"]
 
 
 # -- servers --------------------------------------------------------------------------------------
