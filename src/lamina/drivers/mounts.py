@@ -30,6 +30,7 @@ _FSCONFIG_CMD_CREATE = 6
 _FSMOUNT_CLOEXEC = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _AT_FDCWD = -100
+_MNT_DETACH = 2
 
 # portable overlays: no inode index, no redirects or metadata-only copy-ups, so
 # upper and lower directories stay plain trees any kernel (and repack) can read
@@ -133,19 +134,21 @@ def is_mountpoint(path: str) -> bool:
     return os.path.ismount(path)
 
 
-def unmount(target: str) -> None:
-    """Unmount *target* (kernel overlay or FUSE); nothing to do if it is not mounted."""
+def unmount(target: str, *, lazy: bool = False) -> None:
+    """Unmount *target* (kernel overlay or FUSE); nothing to do if it is not mounted.
+    *lazy*: detach now, even if busy (MNT_DETACH)."""
     if not is_mountpoint(target):
         return
     if os.geteuid() != 0:
         for tool in ("fusermount3", "fusermount"):
             with contextlib.suppress(FileNotFoundError):
-                r = subprocess.run([tool, "-u", target], capture_output=True, text=True)
+                r = subprocess.run([tool, "-u", *(["-z"] if lazy else []), target],
+                                   capture_output=True, text=True)
                 if r.returncode == 0:
                     return
                 raise EnvironmentError_(f"cannot unmount {target}: {r.stderr.strip()}",
                                         hint="stop processes using the bundle and retry")
-    if _libc.umount2(os.fsencode(target), ctypes.c_int(0)) != 0:
+    if _libc.umount2(os.fsencode(target), ctypes.c_int(_MNT_DETACH if lazy else 0)) != 0:
         e = ctypes.get_errno()
         raise EnvironmentError_(f"cannot unmount {target}: {os.strerror(e)}",
                                 hint="stop processes using the bundle (fuser -m) and retry")

@@ -186,6 +186,7 @@ class OverlayDriver(Driver):
         parent = os.path.dirname(bundle)
         if not os.path.isdir(parent):
             raise BundleError(f"parent directory {parent} does not exist")
+        _unmount_stale_stages(parent, os.path.basename(bundle))
         _remove_stale_stages(parent, os.path.basename(bundle))
         if progress is not None:
             progress.start(sum(c.desc.size for c in r.chain), len(r.chain))
@@ -224,20 +225,19 @@ class OverlayDriver(Driver):
                 }
                 write_json(os.path.join(stage, METADATA), meta)
                 os.chmod(stage, 0o700 if r.rootless else 0o711)
+                # pinned before anything mounts them (a kill later leaks a pin, never
+                # a mount of collected layers); mounted in staging, so the bundle
+                # appears complete and mounted in one rename
+                for c in r.chain:
+                    store.set_in_use(NAME, c.chain_id, True)
+                self._mount(stage, lowers)
                 if os.path.isdir(bundle):
                     os.rmdir(bundle)
                 os.rename(stage, bundle)
             except BaseException:
-                _rmtree_quiet(stage)
-                raise
-            try:
-                self._mount(bundle, lowers)
-                for c in r.chain:
-                    store.set_in_use(NAME, c.chain_id, True)
-            except BaseException:
                 with contextlib.suppress(Exception):
-                    mounts.unmount(os.path.join(bundle, "rootfs"))
-                _rmtree_quiet(bundle)
+                    mounts.unmount(os.path.join(stage, "rootfs"))
+                _rmtree_quiet(stage)
                 raise
         res = UnpackResult(bundle, r.manifest.digest, r.config.digest, len(r.chain))
         for s in self.stats:
@@ -372,6 +372,26 @@ class OverlayDriver(Driver):
         from lamina.bundle import _rmtree_quiet
         self.release(bundle)
         _rmtree_quiet(bundle)
+
+
+def _unmount_stale_stages(parent: str, name: str) -> None:
+    """An unpack killed between mounting its staging rootfs and renaming it left a
+    mount there: detach it before the stale staging directory is removed."""
+    prefix = f".{name}.lamina-"
+    with contextlib.suppress(OSError):
+        for e in os.listdir(parent):
+            pid = e[len(prefix):].partition("-")[0] if e.startswith(prefix) else ""
+            if not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue            # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            with contextlib.suppress(Exception):
+                mounts.unmount(os.path.join(parent, e, "rootfs"), lazy=True)
 
 
 def _lookup(lowers: list[str], rel: str) -> str:
