@@ -253,11 +253,14 @@ def test_sigterm_and_external_umount_unmount_cleanly(tmp_path: Path, run_env: di
     subprocess.run(["umount", str(mnt)], check=True)
     assert _wait_gone(_daemon_pid(out))
     assert any(len(p.name) == 64 for p in cache.iterdir())
-    # SIGKILL: the mount is dead; lamina umount still removes it
+    # SIGKILL: the mount is dead; lamina umount still removes it and the private cache
     out = _mount(img, mnt, run_env)
+    assert (mnt / "etc/os-release").read_bytes() == b"ID=top\n"
     os.kill(_daemon_pid(out), signal.SIGKILL)
     assert _wait_gone(_daemon_pid(out))
+    assert isinstance(out["cache"], str) and os.path.isdir(out["cache"])
     _unmount(mnt, run_env)
+    assert not os.path.exists(out["cache"])
 
 
 def test_writable_overlay_on_top(tmp_path: Path, run_env: dict[str, str],

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -137,7 +138,8 @@ def _mounted(path: str) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
+            # mountinfo escapes space, tab, newline and backslash as \ooo
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
             if mp == real:
                 return True
     return False
@@ -164,6 +166,7 @@ def mount(opts: LazyMountOptions) -> MountResult:
     # the daemon starts first: its imports (trio, pyfuse3: most of a mount's time) run
     # on the other CPU while this process reads the indexes; it then gets a job or EOF
     daemon = _Daemon.start(opts, fuse_at, overlay)
+    cache = ""
     try:
         tree, layers, descs, built = index_image(opts.image, opts.platform,
                                                  build=opts.build_index)
@@ -178,6 +181,8 @@ def mount(opts: LazyMountOptions) -> MountResult:
                                  li.seek_path] for li in layers]})
     except BaseException:
         daemon.abort()
+        if opts.cache_dir is None and cache:
+            shutil.rmtree(cache, ignore_errors=True)
         raise
     pid = daemon.pid
     try:
@@ -194,7 +199,8 @@ def mount(opts: LazyMountOptions) -> MountResult:
         os.makedirs(run_dir(), exist_ok=True)
         with open(_record_path(target), "w") as f:
             json.dump({"pid": pid, "mountpoint": target, "lower": fuse_at if overlay else "",
-                       "image": str(opts.image)}, f)
+                       "image": str(opts.image),
+                       "own_cache": cache if opts.cache_dir is None else ""}, f)
     except BaseException:
         _stop(pid, fuse_at)
         raise
@@ -207,6 +213,21 @@ class _Daemon:
 
     def __init__(self, pid: int, job_w: int, ready_r: int, fuse_at: str) -> None:
         self.pid, self._job_w, self._ready_r, self._fuse_at = pid, job_w, ready_r, fuse_at
+        self._reaped = False
+
+    def _close(self) -> None:
+        for fd in (self._job_w, self._ready_r):
+            if fd >= 0:
+                os.close(fd)
+        self._job_w = self._ready_r = -1
+
+    def _reap(self) -> None:
+        if not self._reaped:
+            self._reaped = True
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
 
     @classmethod
     def start(cls, opts: LazyMountOptions, fuse_at: str, overlay: str) -> _Daemon:
@@ -222,9 +243,9 @@ class _Daemon:
         return cls(pid, job_w, ready_r, fuse_at)
 
     def abort(self) -> None:
-        os.close(self._job_w)       # EOF: the daemon exits without mounting
-        os.close(self._ready_r)
-        os.waitpid(self.pid, 0)
+        """No job after all: EOF makes the daemon exit without mounting (idempotent)."""
+        self._close()
+        self._reap()
 
     def send(self, job: dict[str, Any]) -> None:
         """Hand the job over and wait until the mount answers (or the daemon failed)."""
@@ -232,16 +253,16 @@ class _Daemon:
         try:
             while data:
                 data = data[os.write(self._job_w, data):]
-        finally:
-            os.close(self._job_w)
+        except BrokenPipeError:
+            pass                # the daemon died: its message (if any) follows
+        os.close(self._job_w)
+        self._job_w = -1
         got = b""
-        try:
-            while not got.startswith(b"R") and (chunk := os.read(self._ready_r, 4096)):
-                got += chunk
-        finally:
-            os.close(self._ready_r)
+        while not got.startswith(b"R") and (chunk := os.read(self._ready_r, 4096)):
+            got += chunk
+        self._close()
         if not got.startswith(b"R"):
-            os.waitpid(self.pid, 0)
+            self._reap()
             msg = got[1:].decode(errors="replace") or "the FUSE daemon died before mounting"
             raise EnvironmentError_(f"cannot mount {self._fuse_at} with FUSE: {msg}",
                                     hint="check that /dev/fuse is usable (fuse3 installed)")
@@ -384,6 +405,9 @@ def unmount(mountpoint: str) -> bool:
     for p in (target, lower):
         if p and _mounted(p):
             _umount(p) or _umount(p, lazy=True)
+    own = doc.get("own_cache") or ""
+    if own and os.path.basename(own).startswith("lamina-lazy-"):
+        shutil.rmtree(own, ignore_errors=True)  # a killed daemon could not remove it
     try:
         os.unlink(rec)
     except FileNotFoundError:
