@@ -385,3 +385,15 @@ def test_rootless_ownership_equals_copy(require_root: None, layout: str, tmp_pat
     _copy_unpack(f"{layout}:rl", chk)
     st = os.lstat(os.path.join(chk, "rootfs", "etc", "keep"))
     assert (st.st_uid, st.st_gid) == (9, 9)          # the image's owner, from the xattr
+
+
+def test_read_only_bundle(require_root: None, mode: str, layout: str, tmp_path: Path,
+                          bundles: list[str]) -> None:
+    store, b = str(tmp_path / "store"), str(tmp_path / "b")
+    bundles.append(b)
+    _unpack(store, f"{layout}:two", b, "--read-only")
+    assert Path(b, "rootfs", "etc", "keep").read_bytes() == b"changed"
+    with pytest.raises(OSError) as e:
+        Path(b, "rootfs", "new").write_text("x")
+    assert e.value.errno == 30                                   # EROFS
+    assert json.loads(Path(b, "lamina.json").read_text())["options"]["read_only"] is True

@@ -31,6 +31,7 @@ _FSMOUNT_CLOEXEC = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _AT_FDCWD = -100
 _MNT_DETACH = 2
+_MOUNT_ATTR_RDONLY = 1
 
 # portable overlays: no inode index, no redirects or metadata-only copy-ups, so
 # upper and lower directories stay plain trees any kernel (and repack) can read
@@ -69,8 +70,9 @@ def _log_lines(fd: int) -> str:
 
 
 def overlay_fd(lowers: Sequence[str], upper: str | None = None,
-               work: str | None = None) -> int:
-    """A detached overlay mount (an O_PATH fd of its root): *lowers* top first."""
+               work: str | None = None, *, read_only: bool = False) -> int:
+    """A detached overlay mount (an O_PATH fd of its root): *lowers* top first;
+    *read_only* makes the mount itself read-only."""
     fs = _check(_libc.syscall(_SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC)),
                 "fsopen(overlay)")
     try:
@@ -95,8 +97,9 @@ def overlay_fd(lowers: Sequence[str], upper: str | None = None,
             _fsconfig(fs, "", None, _FSCONFIG_CMD_CREATE)
         except OSError as e:
             raise OSError(e.errno, f"{e.strerror} ({_log_lines(fs)})") from None
+        attrs = _MOUNT_ATTR_RDONLY if read_only else 0
         return _check(_libc.syscall(_SYS_FSMOUNT, ctypes.c_int(fs),
-                                    ctypes.c_uint(_FSMOUNT_CLOEXEC), ctypes.c_uint(0)),
+                                    ctypes.c_uint(_FSMOUNT_CLOEXEC), ctypes.c_uint(attrs)),
                       "fsmount(overlay)")
     finally:
         os.close(fs)
@@ -154,7 +157,8 @@ def unmount(target: str, *, lazy: bool = False) -> None:
                                 hint="stop processes using the bundle (fuser -m) and retry")
 
 
-def fuse_overlay(lowers: Sequence[str], upper: str, work: str, target: str) -> None:
+def fuse_overlay(lowers: Sequence[str], upper: str, work: str, target: str, *,
+                 read_only: bool = False) -> None:
     """Mount with fuse-overlayfs (unprivileged).  Lower paths go through short
     relative symlinks, so a deep chain fits the option string."""
     with tempfile.TemporaryDirectory(prefix="lamina-lower-") as links:
@@ -163,7 +167,7 @@ def fuse_overlay(lowers: Sequence[str], upper: str, work: str, target: str) -> N
             os.symlink(d, os.path.join(links, str(i)))
             names.append(str(i))
         opts = (f"lowerdir={':'.join(names)},upperdir={os.path.abspath(upper)},"
-                f"workdir={os.path.abspath(work)}")
+                f"workdir={os.path.abspath(work)}" + (",ro" if read_only else ""))
         r = subprocess.run(["fuse-overlayfs", "-o", opts, os.path.abspath(target)],
                            cwd=links, capture_output=True, text=True)
     if r.returncode != 0:

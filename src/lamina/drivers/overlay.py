@@ -220,6 +220,7 @@ class OverlayDriver(Driver):
                     "layers": [c.desc.to_json() for c in r.chain],
                     "mounts": [mount.to_json()],
                     "options": {"rootless": r.rootless, "keep_dirlinks": r.keep_dirlinks,
+                                "read_only": r.read_only,
                                 "uid_map": [str(m) for m in r.uid_map],
                                 "gid_map": [str(m) for m in r.gid_map]},
                 }
@@ -291,6 +292,11 @@ class OverlayDriver(Driver):
                       f"workdir={os.path.join(bundle, 'work')}",
                       *(f"{k}={v}" for k, v in mounts.OVERLAY_OPTIONS)))
 
+    def _read_only(self) -> bool:
+        if self._req is not None:
+            return self._req.read_only
+        return bool(self.meta.get("options", {}).get("read_only"))
+
     def _mount(self, bundle: str, lowers: list[str]) -> None:
         upper, work = os.path.join(bundle, "upper"), os.path.join(bundle, "work")
         target = os.path.join(bundle, "rootfs")
@@ -301,13 +307,13 @@ class OverlayDriver(Driver):
             work = os.path.join(bundle, "work", "w")
             os.makedirs(work, exist_ok=True)
         if not use_fuse():
-            mfd = mounts.overlay_fd(lowers, upper, work)
+            mfd = mounts.overlay_fd(lowers, upper, work, read_only=self._read_only())
             try:
                 mounts.attach(mfd, target)
             finally:
                 os.close(mfd)
         else:
-            mounts.fuse_overlay(lowers, upper, work, target)
+            mounts.fuse_overlay(lowers, upper, work, target, read_only=self._read_only())
 
     def mounts(self) -> list[Mount]:
         return [Mount.from_json(m) for m in self.meta.get("mounts", [])]

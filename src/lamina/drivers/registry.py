@@ -12,7 +12,9 @@ without arguments).  :func:`register` adds one at run time (tests, embedders).
 
 Which driver serves an unpack (:func:`select`): ``--driver NAME`` forces one;
 otherwise third-party drivers are asked first (sorted by name, so the order
-does not depend on install order), then the built-ins in :data:`BUILTIN_ORDER`.
+does not depend on install order), then the built-ins in :data:`BUILTIN_ORDER`,
+then lamina's other drivers (``lazy``: copy claims everything before them, so
+they serve only when forced).
 A driver that cannot run here (:meth:`DriverFactory.check_here`) is passed
 over; the first one whose ``claim`` returns a driver wins.  A plugin that fails
 to import or raises is a clear error naming it, never a silent fallback.
