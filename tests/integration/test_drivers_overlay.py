@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LAMINA, need_tool, run_lamina
+from lamina.drivers.manage import bundle_driver
 from lamina.testing.images import build_image
 from lamina.testing.layers import TarBuilder
 from lamina.testing.tree import diff_manifests, tree_manifest
@@ -169,7 +170,14 @@ def test_umount_keeps_changes(require_root: None, layout: str, tmp_path: Path,
     store, b = str(tmp_path / "store"), str(tmp_path / "b")
     bundles.append(b)
     _unpack(store, f"{layout}:two", b)
-    Path(b, "rootfs", "new").write_text("n")
+    with bundle_driver(b) as drv:
+        assert drv is not None and drv.name == "overlay"
+        assert drv.mounts()[0].target == os.path.join(b, "rootfs")
+        before = drv.usage(b)
+        Path(b, "rootfs", "new").write_text("n")
+        Path(b, "rootfs", "big").write_bytes(b"b" * (2 << 20))
+        after = drv.usage(b)
+    assert before.bytes < (1 << 20) and after.bytes - before.bytes >= 2 << 20  # upper only
     r = run_lamina(["umount", b])
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(os.path.join(b, "rootfs"))

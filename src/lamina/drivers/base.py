@@ -226,7 +226,8 @@ class Driver(ABC):
 
     def usage(self, bundle: str) -> Usage:
         """Disk used by *bundle* alone (shared extractions and objects excluded).
-        Default: every file under the bundle, hardlinks counted once."""
+        Default: every file under the bundle, hardlinks counted once, mounts
+        below it skipped."""
         return _du(bundle)
 
 
@@ -341,6 +342,8 @@ def _du(path: str) -> Usage:
     seen: set[tuple[int, int]] = set()
     nbytes = inodes = 0
     for root, dirs, files in os.walk(path):
+        # a mounted rootfs shows shared layers: count the bundle's own files only
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(root, d))]
         for name in dirs + files:
             try:
                 st = os.lstat(os.path.join(root, name))
