@@ -255,3 +255,26 @@ def test_btrfs_declines_without_btrfs(tmp_path: Path, store: Store) -> None:
         btrfs_factory.claim(_request(tmp_path, store, rootless=True, forced=True))
     reason = btrfs_factory.check_here(store.path)
     assert reason is not None
+
+
+def test_lower_directory_times_kept_through_a_symlink(tmp_path: Path, store: Store) -> None:
+    """usrmerge: the upper layer writes lib/x where lib -> usr/lib."""
+    lower = (TarBuilder().add_dir("usr", 0o755, mtime=10).add_dir("usr/lib", 0o751, mtime=20)
+             .add_symlink("lib", "usr/lib").add_file("usr/lib/a", b"a").build())
+    upper = TarBuilder().add_file("lib/x", b"x").build()
+    build_image(str(tmp_path / "lay"), "t", [lower, upper])
+    store.import_image(str(tmp_path / "lay"), "t", "img:t")
+    apply_layers(tmp_path / "want", lower, upper)
+    root = tmp_path / "got"
+    root.mkdir()
+    for la in store.image("img:t").layers:
+        w = StoreRootfsWriter(str(root), ROOTLESS, store.objects_fd, keep_lower_dirs=True)
+        try:
+            apply_split(w, store.tar_split_path(la.diff_id), LayerStats())
+            w.finish()
+        finally:
+            w.close()
+    got = tree_manifest(str(root), mtime=True)
+    assert got["usr/lib"]["mtime_ns"] == 20 * 10**9
+    assert diff_manifests(tree_manifest(str(tmp_path / "want"), mtime=True), got,
+                          ignore_root=True) == []

@@ -176,9 +176,9 @@ def _rw_copy(src: int, dst: int, off: int, size: int) -> int:
 class StoreRootfsWriter(RootfsWriter):
     """A :class:`RootfsWriter` whose file contents come from store objects.
 
-    *objects_fd*: the store's ``objects/`` directory.  *farm*: the link farm
-    directory for ``link`` placement (of the layer being applied; may be
-    reused across layers only if the caller keys it by layer).  With
+    *objects_fd*: the store's ``objects/`` directory.  For ``link`` placement
+    the caller names the layer's link farm with :meth:`set_farm` before
+    applying it (without one, files are cloned or copied).  With
     *keep_lower_dirs* the modes and mtimes of directories that were already
     there (a snapshot of the layers below) are restored at :meth:`finish`
     after this layer's changes inside them, as one writer applying every layer
@@ -219,9 +219,13 @@ class StoreRootfsWriter(RootfsWriter):
     def _resolve(self, comps: tuple[str, ...], create: bool,
                  entry: str) -> tuple[str, ...] | None:
         # called on a directory-cache miss, before anything is written below comps
-        if self.keep_lower_dirs:
-            self._note_lower(comps)
-        return super()._resolve(comps, create, entry)
+        if not self.keep_lower_dirs:
+            return super()._resolve(comps, create, entry)
+        self._note_lower(comps)
+        real = super()._resolve(comps, create, entry)
+        if real is not None and real != comps:
+            self._note_lower(real)  # through a symlink (lib -> usr/lib): the real dirs
+        return real
 
     def _note_lower(self, comps: tuple[str, ...]) -> None:
         # record (mode, mtime) of existing directories before this layer writes into them
