@@ -432,3 +432,31 @@ def test_hold_keeps_put_layers_from_gc_until_the_pipe_closes(empty: Server) -> N
         assert not c.has_layer(rec.diff_id)
         assert res
     _fsck_ok(empty.store)
+
+
+def test_sigkill_mid_copy_then_rerun(tmp_path: Path) -> None:
+    tars = []
+    for k in range(3):
+        t = TarBuilder()
+        for i in range(400):
+            t.add_file(f"d{k}/f{i}", os.urandom(32 << 10))
+        tars.append(t.build())
+    build_image(str(tmp_path / "lay"), "v1", tars)
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen([*LAMINA, "copy", f"{tmp_path / 'lay'}:v1", f"store:{dst}:app:v1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    # kill it once it has started storing layers
+    while not list((dst / "objects").glob("*/*")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait() == -9        # killed while storing the first of three layers
+    res = _json(["fsck", "--store", str(dst)])
+    assert res["ok"], res["problems"]
+    with Store.open(str(dst), create=False) as s:
+        assert s.images() == []     # the tag is written last
+    res = _json(["copy", f"{tmp_path / 'lay'}:v1", f"store:{dst}:app:v1"])
+    assert res["layers_copied"] + res["layers_skipped"] == 3
+    _fsck_ok(dst)
+    _exports_match(dst, tars)
