@@ -9,6 +9,7 @@ the filesystem's own block counts (statvfs), not in lamina's bookkeeping.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -232,6 +233,10 @@ def test_objects_read_only_hardlinks_on_ext4(ext4: Path, images: Path) -> None:
         assert drv_b.place.farm_new == 1
         a_ino = os.stat(ext4 / "ro-a/rootfs/usr/lib/big1").st_ino
         assert os.stat(ext4 / "ro-b/rootfs/usr/lib/big1").st_ino == a_ino
+        # what the bundle costs alone: its directories and records, not the farm's files
+        meta = json.loads((ext4 / "ro-b" / "lamina.json").read_text())
+        usage = objects_factory.open(str(ext4 / "ro-b"), meta, st).usage(str(ext4 / "ro-b"))
+        assert 0 < usage.bytes < MiB // 2 and usage.inodes < 40
         assert st.fsck().problems == []
         # gc may drop the farms; the bundles keep their inodes
         st.remove_ref("img:a")

@@ -29,6 +29,7 @@ are copied (``link`` falls back to ``clone``, which copies).
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -39,6 +40,7 @@ from lamina.drivers.base import (
     ChainLayer,
     ClaimRequest,
     Driver,
+    Usage,
     check_capabilities,
     unsupported,
 )
@@ -81,8 +83,8 @@ def choose_placement(req: ClaimRequest, same_fs: bool) -> Placement:
 class ObjectsDriver(Driver):
     name = NAME
 
-    def __init__(self, req: ClaimRequest) -> None:
-        super().__init__(req)
+    def __init__(self, req: ClaimRequest, meta: Mapping[str, Any] | None = None) -> None:
+        super().__init__(req, meta=meta)
         assert req.store is not None
         self.store: Store = req.store
         self.place = PlaceStats()
@@ -167,6 +169,30 @@ class ObjectsDriver(Driver):
                     w.set_farm(None)
 
 
+    def usage(self, bundle: str) -> Usage:
+        """Linked files belong to the layer's farm (shared): not counted.  Cloned
+        files are counted whole, though they share their extents until written
+        (telling which extents are shared needs FIEMAP per file)."""
+        placement = (self.meta.get(NAME) or {}).get("placement")
+        if placement != "link":
+            return super().usage(bundle)
+        nbytes = inodes = 0
+        seen: set[int] = set()
+        for root, dirs, files in os.walk(bundle):
+            for name in dirs + files:
+                try:
+                    st = os.lstat(os.path.join(root, name))
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    continue    # a farm inode (or a hardlink to one)
+                if st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    inodes += 1
+                    nbytes += st.st_blocks * 512
+        return Usage(nbytes, inodes)
+
+
 class ObjectsFactory:
     """Entry point ``objects = "lamina.drivers.objects:ObjectsFactory"``."""
 
@@ -189,7 +215,7 @@ class ObjectsFactory:
         return ObjectsDriver(req)
 
     def open(self, bundle: str, meta: Mapping[str, Any], store: Store | None) -> Driver:
-        return ObjectsDriver(storebundle.request_from_meta(bundle, meta, store, NAME))
+        return ObjectsDriver(storebundle.request_from_meta(bundle, meta, store, NAME), meta)
 
 
 factory = ObjectsFactory()
