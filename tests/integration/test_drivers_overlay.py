@@ -405,3 +405,27 @@ def test_read_only_bundle(require_root: None, mode: str, layout: str, tmp_path: 
         Path(b, "rootfs", "new").write_text("x")
     assert e.value.errno == 30                                   # EROFS
     assert json.loads(Path(b, "lamina.json").read_text())["options"]["read_only"] is True
+
+
+def test_damaged_store_blob_is_a_clear_error(require_root: None, layout: str, tmp_path: Path,
+                                             bundles: list[str]) -> None:
+    store, b = str(tmp_path / "store"), str(tmp_path / "b")
+    bundles.append(b)
+    r = run_lamina(["import", "--store", store, f"{layout}:two", "img:1"])
+    assert r.returncode == 0, r.stderr
+    idx = json.loads(Path(layout, "index.json").read_text())
+    mdesc = next(m for m in idx["manifests"]
+                 if m["annotations"]["org.opencontainers.image.ref.name"] == "two")
+    manifest = json.loads(Path(layout, "blobs", "sha256", mdesc["digest"][7:]).read_bytes())
+    blob = Path(store, "blobs", "sha256", manifest["layers"][1]["digest"][7:])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.unlink()                          # a new file: the layout's hardlink stays intact
+    blob.write_bytes(bytes(data))
+    r = run_lamina(["unpack", "--driver", "overlay", "--store", store, "--image", "img:1", b])
+    assert r.returncode in (5, 6), r.stderr          # digest mismatch (or corrupt stream)
+    assert "error" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(b)
+    ex = Path(store, "extract", "overlay")
+    assert len(os.listdir(ex)) == 1                  # the bottom layer only, complete
+    assert _mounts_under(store) == []

@@ -52,7 +52,13 @@ from lamina.drivers.base import (
     is_root,
     unsupported,
 )
-from lamina.errors import BundleError, CorruptLayerError, DigestMismatchError, UnsafeLayerError
+from lamina.errors import (
+    BundleError,
+    CorruptLayerError,
+    DigestMismatchError,
+    NotFoundError,
+    UnsafeLayerError,
+)
 from lamina.layer import whiteout as wh
 
 if TYPE_CHECKING:
@@ -69,6 +75,8 @@ FUSE_ENV = "LAMINA_OVERLAY_FUSE"
 def use_fuse() -> bool:
     """Whether overlays are mounted with fuse-overlayfs instead of the kernel's."""
     return not is_root() or os.environ.get(FUSE_ENV, "") not in ("", "0")
+
+
 # xattrs overlayfs keeps for itself: never part of a layer
 _OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
@@ -141,7 +149,13 @@ class OverlayDriver(Driver):
         path = self._store().blob_path(layer.desc.digest)
 
         def opener() -> Any:
-            return open(path, "rb", buffering=0)
+            try:
+                return open(path, "rb", buffering=0)
+            except FileNotFoundError:
+                raise NotFoundError(f"layer blob {layer.desc.digest} is missing from the "
+                                    f"store {self._store().path}",
+                                    hint="run 'lamina fsck --repair' and import the image "
+                                         "again") from None
 
         writer = RootfsWriter(root, ExtractOptions(r.rootless, r.uid_map, r.gid_map,
                                                    r.keep_dirlinks), self.warnings.append)
