@@ -185,7 +185,7 @@ def test_umount_keeps_changes(require_root: None, layout: str, tmp_path: Path,
     assert Path(b, "upper", "new").read_text() == "n"
     assert _mounts_under(b) == []
     # idempotent; and a directory that is not a lamina bundle or mount is an error
-    assert run_lamina(["umount", b]).returncode == 0
+    assert run_lamina(["umount", "--store", store, b]).returncode == 0
     r = run_lamina(["umount", str(tmp_path)])
     assert r.returncode == 3 and "not a lamina mount" in r.stderr
 

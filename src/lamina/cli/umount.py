@@ -15,6 +15,9 @@ def register(sub: Any) -> None:
                     "--driver overlay), its rootfs is unmounted and its changes kept (repack "
                     "still works); for a lazy mount, its daemon is stopped (its overlay, if "
                     "any, goes first) and its private cache removed.")
+    p.add_argument("--store", metavar="PATH",
+                   help="the bundle's store, if it moved since the unpack (default: the one "
+                        "recorded in BUNDLE/lamina.json)")
     p.add_argument("dir", metavar="DIR", help="the bundle or mount point")
     p.set_defaults(run=run)
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
     if is_lazy_mount(args.dir) and unmount(args.dir):
         ui.info(f"unmounted {args.dir}")
         return 0
-    if release_bundle(args.dir):  # a bundle a mounting driver (overlay) prepared
+    if release_bundle(args.dir, store=args.store):  # a bundle a mounting driver (overlay) prepared
         ui.info(f"unmounted {args.dir}/rootfs (its changes stay in {args.dir}/upper)")
         return 0
     if unmount(args.dir):

@@ -29,28 +29,30 @@ def bundle_meta(bundle: str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def bundle_driver(bundle: str, registry: Registry | None = None) -> Iterator[Driver | None]:
+def bundle_driver(bundle: str, registry: Registry | None = None, *,
+                  store: str | None = None) -> Iterator[Driver | None]:
     """The driver that prepared *bundle* (None: not a lamina bundle), with its
-    store open for the duration."""
+    store (*store*, else the recorded one) open for the duration."""
     meta = bundle_meta(bundle)
     if meta is None:
         yield None
         return
     fac = factory_for_bundle(meta, registry)
-    store_path = meta.get("store")
+    store_path = store or meta.get("store")
     if store_path and os.path.isdir(str(store_path)):
         from lamina.store import Store
-        with Store.open(str(store_path), create=False) as store:
-            yield fac.open(bundle, meta, store)
+        with Store.open(str(store_path), create=False) as opened:
+            yield fac.open(bundle, meta, opened)
         return
     yield fac.open(bundle, meta, None)
 
 
-def release_bundle(bundle: str, registry: Registry | None = None) -> bool:
+def release_bundle(bundle: str, registry: Registry | None = None, *,
+                   store: str | None = None) -> bool:
     """Remove a bundle's mounts (``lamina umount``); False when *bundle* is not a
     lamina bundle."""
     b = os.path.abspath(bundle)
-    with bundle_driver(b, registry) as drv:
+    with bundle_driver(b, registry, store=store) as drv:
         if drv is None:
             return False
         drv.release(b)
