@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from lamina.errors import CorruptLayerError, DigestMismatchError, NotFoundError
-from lamina.lazy.index import CountingFile, LayerIndex
+from lamina.lazy.index import SPACING, CountingFile, LayerIndex
 from lamina.lazy.model import Node
 
 _CHUNK = 1 << 20
@@ -159,7 +159,17 @@ class Fetcher:
                                                  drop_handles=False, index_file=li.seek_path,
                                                  readbuf_size=_GZ_READBUF)
                 self._gz[layer] = g
-            g.seek(offset)
+            ahead = offset - g.tell()
+            if 0 <= ahead <= SPACING:
+                # reading on is cheaper than going back to the checkpoint: files read in
+                # archive order (a copy, a full walk) inflate each byte about once
+                while ahead:
+                    got = g.read(min(ahead, _CHUNK))
+                    if not got:
+                        raise CorruptLayerError(f"layer {li.blob} ends early")
+                    ahead -= len(got)
+            else:
+                g.seek(offset)
             left = size
             while left:
                 data = g.read(min(left, _CHUNK))
