@@ -38,6 +38,7 @@ from lamina.drivers.base import (
     check_capabilities,
     fs_type,
     have_tool,
+    unsupported,
 )
 from lamina.drivers.materialize import StoreRootfsWriter, apply_split
 from lamina.errors import EnvironmentError_, UsageError
@@ -126,15 +127,22 @@ def mount_source(path: str) -> str:
 class BtrfsDriver(Driver):
     name = NAME
 
-    def __init__(self, req: ClaimRequest) -> None:
-        super().__init__(req)
-        assert req.store is not None
-        self.store: Store = req.store
+    def __init__(self, req: ClaimRequest | None = None, *,
+                 meta: Mapping[str, Any] | None = None, store: Store | None = None) -> None:
+        """Made by ``claim`` (a request with a store) or ``open`` (an existing
+        bundle's lamina.json, which removal and usage need, not the image)."""
+        super().__init__(req, meta=meta, store=store)
         self.built: list[str] = []      # chain ids whose subvolume this unpack made
         self._stats = LayerStats()
 
+    @property
+    def _store(self) -> Store:
+        if self.store is None:
+            raise unsupported(NAME, "preparing a bundle without a store")
+        return self.store
+
     def _path(self, chain_id: str) -> str | None:
-        ex = self.store.extraction(NAME, chain_id)
+        ex = self._store.extraction(NAME, chain_id)
         if ex is None:
             return None
         if not os.path.isfile(os.path.join(ex.path, SNAPSHOT)):
@@ -146,7 +154,7 @@ class BtrfsDriver(Driver):
 
     def extract(self, layer: ChainLayer, index: int) -> None:
         """Build chain *index*'s subvolume from the one below it (which exists)."""
-        st = self.store
+        st = self._store
         with st.extraction_lock(NAME, layer.chain_id):
             if self._path(layer.chain_id) is not None:
                 return  # another unpack built it while we waited
@@ -174,11 +182,11 @@ class BtrfsDriver(Driver):
                     if r[1] == "f" and isinstance(r[9], bytes) and r[9]:
                         hashes[str(r[0])] = r[9]
         opts = ExtractOptions(keep_dirlinks=self.req.keep_dirlinks)
-        w = StoreRootfsWriter(sub, opts, self.store.objects_fd, "clone",
+        w = StoreRootfsWriter(sub, opts, self._store.objects_fd, "clone",
                               keep_lower_dirs=parent is not None)
         try:
             w.hashes = hashes
-            apply_split(w, self.store.tar_split_path(layer.diff_id), self._stats)
+            apply_split(w, self._store.tar_split_path(layer.diff_id), self._stats)
             snap = take_snapshot(sub, w.hashes)
             for path, stt in w.finish().items():
                 snap[path] = snapshot_row(path, "d", stt, "")
@@ -195,7 +203,7 @@ class BtrfsDriver(Driver):
             raise UsageError("the btrfs driver needs an image with at least one layer")
         stage = storebundle.begin(req.bundle, delete_tree)
         try:
-            with self.store.session():
+            with self._store.session():
                 # the deepest chain id that already has a subvolume is reused
                 have = next((i for i in range(len(chain) - 1, -1, -1)
                              if self.try_skip(chain[i])), -1)
@@ -273,7 +281,7 @@ class BtrfsFactory:
         return None
 
     def open(self, bundle: str, meta: Mapping[str, Any], store: Store | None) -> Driver:
-        return BtrfsDriver(storebundle.request_from_meta(bundle, meta, store, NAME))
+        return BtrfsDriver(meta=meta, store=store)
 
     @staticmethod
     def remover(path: str) -> None:

@@ -83,14 +83,21 @@ def choose_placement(req: ClaimRequest, same_fs: bool) -> Placement:
 class ObjectsDriver(Driver):
     name = NAME
 
-    def __init__(self, req: ClaimRequest, meta: Mapping[str, Any] | None = None) -> None:
-        super().__init__(req, meta=meta)
-        assert req.store is not None
-        self.store: Store = req.store
+    def __init__(self, req: ClaimRequest | None = None, *,
+                 meta: Mapping[str, Any] | None = None, store: Store | None = None) -> None:
+        """Made by ``claim`` (a request with a store) or ``open`` (an existing
+        bundle's lamina.json, which removal and usage need, not the image)."""
+        super().__init__(req, meta=meta, store=store)
         self.place = PlaceStats()
         self._writer: StoreRootfsWriter | None = None
         self._stats = LayerStats()
         self.reused = 0                 # layers whose link farm was already there
+
+    @property
+    def _store(self) -> Store:
+        if self.store is None:
+            raise unsupported(NAME, "preparing a bundle without a store")
+        return self.store
 
     def prepare(self, progress: Progress | None = None) -> UnpackResult:
         req = self.req
@@ -106,11 +113,11 @@ class ObjectsDriver(Driver):
         try:
             rootfs = os.path.join(stage, "rootfs")
             os.mkdir(rootfs, 0o755)
-            same_fs = os.stat(self.store.objects_dir).st_dev == os.stat(stage).st_dev
+            same_fs = os.stat(self._store.objects_dir).st_dev == os.stat(stage).st_dev
             placement = choose_placement(req, same_fs)
             opts = ExtractOptions(req.rootless, req.uid_map, req.gid_map, req.keep_dirlinks)
-            with self.store.session():
-                writer = StoreRootfsWriter(rootfs, opts, self.store.objects_fd, placement,
+            with self._store.session():
+                writer = StoreRootfsWriter(rootfs, opts, self._store.objects_fd, placement,
                                            warn=warn)
                 self._writer = writer
                 try:
@@ -142,13 +149,13 @@ class ObjectsDriver(Driver):
     def extract(self, layer: ChainLayer, index: int) -> None:
         w = self._writer
         assert w is not None, "extract() runs inside prepare()"
-        split = self.store.tar_split_path(layer.diff_id)
+        split = self._store.tar_split_path(layer.diff_id)
         if w.placement != "link":
             apply_split(w, split, self._stats)
             return
         # the layer's link farm: built once (under its lock, in staging, renamed when
         # complete); later bundles of any image with this chain link the same inodes
-        st = self.store
+        st = self._store
         with st.extraction_lock(NAME, layer.chain_id):
             ex = st.extraction(NAME, layer.chain_id)
             if ex is not None and os.path.isdir(ex.path):
@@ -215,7 +222,7 @@ class ObjectsFactory:
         return ObjectsDriver(req)
 
     def open(self, bundle: str, meta: Mapping[str, Any], store: Store | None) -> Driver:
-        return ObjectsDriver(storebundle.request_from_meta(bundle, meta, store, NAME), meta)
+        return ObjectsDriver(meta=meta, store=store)
 
 
 factory = ObjectsFactory()

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lamina import __version__
 from lamina.bundle import (
@@ -24,16 +24,11 @@ from lamina.bundle import (
     _rmtree_quiet,
     write_json,
 )
-from lamina.drivers.base import ChainLayer, ClaimRequest
-from lamina.errors import BundleError, NotFoundError, UsageError
+from lamina.drivers.base import ClaimRequest
+from lamina.errors import BundleError
 from lamina.layer.extract import LayerStats
-from lamina.layer.idmap import IdMapping
 from lamina.layer.snapshot import write_rows
 from lamina.oci import runtime
-from lamina.oci.model import ImageConfig, Manifest
-
-if TYPE_CHECKING:
-    from lamina.store import Store
 
 
 def begin(bundle: str, cleanup: Callable[[str], None] | None = None) -> str:
@@ -119,37 +114,3 @@ def result(req: ClaimRequest, driver: str, t0: float, stats: LayerStats, reused:
                         stats.entries, stats.files, stats.bytes, stats.whiteouts,
                         round(time.monotonic() - t0, 3), warnings, driver=driver,
                         reused=reused)
-
-
-def request_from_meta(bundle: str, meta: Mapping[str, Any], store: Store | None,
-                      driver: str) -> ClaimRequest:
-    """Rebuild the request a bundle was prepared for, from its lamina.json and the
-    store (for :meth:`DriverFactory.open`)."""
-    if store is None:
-        raise UsageError(f"bundle {bundle} was made by the {driver} driver from the store "
-                         f"{meta.get('store') or '?'}",
-                         hint="pass --store with that store")
-    try:
-        mdig, cdig = str(meta["manifest"]), str(meta["config"])
-        manifest = Manifest.from_json(mdig, _json(store.read_blob(mdig)))
-        config = ImageConfig.from_json(cdig, _json(store.read_blob(cdig)))
-        chain = tuple(ChainLayer(d, str(meta["diff_ids"][i]), str(meta["chain_ids"][i]))
-                      for i, d in enumerate(manifest.layers))
-    except (KeyError, IndexError, TypeError) as e:
-        raise BundleError(f"{bundle}/{METADATA}: incomplete {driver} record ({e})") from None
-    except NotFoundError as e:
-        raise NotFoundError(f"bundle {bundle}: {e.message}",
-                            hint="the image was removed from the store") from None
-    o = meta.get("options") or {}
-    return ClaimRequest(manifest, config, chain, bundle,
-                        read_only=bool(meta.get("read_only")), store=store,
-                        image=str(meta.get("image") or ""),
-                        rootless=bool(o.get("rootless")),
-                        uid_map=tuple(IdMapping.parse(m) for m in o.get("uid_map", [])),
-                        gid_map=tuple(IdMapping.parse(m) for m in o.get("gid_map", [])),
-                        keep_dirlinks=bool(o.get("keep_dirlinks")))
-
-
-def _json(data: bytes) -> Any:
-    import json
-    return json.loads(data)
