@@ -213,7 +213,7 @@ def main() -> int:
         "**The machine was busy with other work (2 CPUs shared with other engineers' "
         "builds and tests): timings are noisy.**",
         "",
-        "Rerun: `sudo .venv/bin/python bench/copy.py` (`--fs btrfs` for btrfs).",
+        "Rerun: `sudo .venv/bin/python bench/store_copy.py` (`--fs btrfs` for btrfs).",
     ]
     common.replace_section(Path(args.out), "copy", common.join_markdown(lines))
     print(common.join_markdown(lines))
