@@ -16,18 +16,11 @@ from lamina.testing.conformance import ConformanceOptions, assert_conformant
 pytestmark = pytest.mark.usefixtures("require_root")
 
 
-# objects and btrfs rebuild their request from the store (storebundle.request_from_meta):
-# once 'repack --refresh-bundle' into a layout points lamina.json at a manifest that is
-# only in that layout, open() (used by a second repack and by remove) fails
-REFRESH_BUG = ("after 'repack --refresh-bundle' into a layout, open() looks the bundle's "
-               "new manifest up in the store")
-
-
 @pytest.mark.parametrize(("driver", "store"), [
     ("copy", False),
     ("copy", True),
     ("overlay", True),
-    pytest.param("objects", True, marks=pytest.mark.xfail(strict=True, reason=REFRESH_BUG)),
+    ("objects", True),
 ])
 def test_builtin_driver(tmp_path: Path, driver: str, store: bool) -> None:
     assert_conformant(default_registry().get(driver), tmp_path / "work",
@@ -61,7 +54,6 @@ def btrfs_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-d", str(mnt)], check=False, capture_output=True)
 
 
-@pytest.mark.xfail(strict=True, reason=REFRESH_BUG)
 def test_btrfs_driver(btrfs_dir: Path) -> None:
     assert_conformant(default_registry().get("btrfs"), btrfs_dir / "work")
 
