@@ -66,8 +66,7 @@ CASES: tuple[tuple[str, str, bool, str], ...] = (
 
 
 class Case:
-    """One filesystem + driver; filled in by :func:`run_case`.  (A plain class:
-    bench/copy.py shadows the stdlib ``copy`` that dataclasses imports.)"""
+    """One filesystem + driver; filled in by :func:`run_case`."""
 
     def __init__(self, fs: str, driver: str, read_only: bool, how: str) -> None:
         self.fs, self.driver, self.read_only, self.how = fs, driver, read_only, how
