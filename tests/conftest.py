@@ -17,6 +17,10 @@ import pytest
 
 LAMINA = [sys.executable, "-m", "lamina"]
 
+# every manifest, config and index.json any test writes (in-process or through the CLI,
+# which inherits this) is checked against the image-spec schemas
+os.environ.setdefault("LAMINA_VALIDATE", "1")
+
 
 def run_lamina(args: Sequence[str], *, check: bool = False, env: dict[str, str] | None = None,
                **kw: object) -> subprocess.CompletedProcess[str]:

@@ -130,7 +130,7 @@ def _load(ref: ImageRef, platform: Platform | None, new_tag: str | None) -> _Ima
 def _commit(img: _Image, config: dict[str, Any], manifest: dict[str, Any],
             tag: str) -> tuple[Descriptor, Descriptor]:
     """Write *config* and *manifest* (its config descriptor filled in) and tag it."""
-    cdesc = img.layout.put_json(config, img.config_desc.media_type)
+    cdesc = img.layout.put_json(config, img.config_desc.media_type, validate=True)
     cjson = dict(img.config_desc.raw)
     cjson.pop("data", None)  # embedded copy of the old config
     cjson.update({"mediaType": cdesc.media_type, "digest": cdesc.digest, "size": cdesc.size})
@@ -138,7 +138,7 @@ def _commit(img: _Image, config: dict[str, Any], manifest: dict[str, Any],
     media_type = manifest.get("mediaType")
     if not isinstance(media_type, str):
         media_type = mt.MANIFEST
-    mdesc = img.layout.put_json(manifest, media_type)
+    mdesc = img.layout.put_json(manifest, media_type, validate=True)
     img.layout.set_ref(tag, mdesc)
     return cdesc, mdesc
 
@@ -193,10 +193,10 @@ def new_image(opts: NewOptions) -> EditResult:
     }
     if plat.variant:
         config["variant"] = plat.variant
-    cdesc = layout.put_json(config, mt.CONFIG)
+    cdesc = layout.put_json(config, mt.CONFIG, validate=True)
     manifest = {"schemaVersion": 2, "mediaType": mt.MANIFEST, "config": cdesc.to_json(),
                 "layers": []}
-    mdesc = layout.put_json(manifest, mt.MANIFEST)
+    mdesc = layout.put_json(manifest, mt.MANIFEST, validate=True)
     layout.set_ref(opts.image.tag, mdesc)
     return EditResult(layout.path, opts.image.tag, mdesc, cdesc.digest)
 

@@ -190,10 +190,17 @@ class OCILayout:
         finally:
             w.abort()
 
-    def put_json(self, obj: Any, media_type: str, *, validate: bool = True) -> Descriptor:
-        """Store *obj* as canonical JSON, first checked against its image-spec schema
-        (``validate=False`` only for tests that write hostile documents on purpose)."""
-        if validate:
+    def put_json(self, obj: Any, media_type: str, *,
+                 validate: bool | None = None) -> Descriptor:
+        """Store *obj* as canonical JSON.
+
+        ``validate=True``: check it against its image-spec schema first (documents
+        carrying what a user typed: the editing commands); ``None``: only when
+        ``LAMINA_VALIDATE=1`` (documents lamina derives from verified ones; see
+        :func:`lamina.oci.schema.check_derived`); ``False``: never (tests writing
+        hostile documents on purpose).
+        """
+        if validate or (validate is None and schema.check_derived()):
             schema.validate(obj, media_type)
         return self.put_blob(canonical_json(obj), media_type)
 
@@ -255,7 +262,8 @@ class OCILayout:
             os.close(fd)
 
     def _write_index(self, idx: dict[str, Any]) -> None:
-        schema.validate(idx, mt.INDEX)
+        if schema.check_derived():
+            schema.validate(idx, mt.INDEX)
         _atomic_write(os.path.join(self.path, "index.json"), canonical_json(idx))
 
     # -- resolution ----------------------------------------------------------

@@ -17,6 +17,7 @@ import copy
 import datetime as _dt
 import functools
 import json
+import os
 import re
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,18 @@ def errors(doc: object, media_type: str) -> list[str]:
         return []
     found = sorted(_validator(name).iter_errors(doc), key=lambda e: list(map(str, e.path)))
     return [f"{_where(e)}: {e.message}" for e in found]
+
+
+def check_derived() -> bool:
+    """Whether to validate documents lamina derives mechanically from verified ones
+    (repack's config and manifest, index.json updates, copies): ``LAMINA_VALIDATE=1``.
+
+    Off by default: importing jsonschema and building a validator costs ~0.25 s,
+    more than a whole overlay repack, to re-check documents typed code assembled.
+    The test suite turns it on, so every document any test writes is checked.
+    Documents carrying user input (the editing commands) are always validated.
+    """
+    return os.environ.get("LAMINA_VALIDATE", "") == "1"
 
 
 def validate(doc: object, media_type: str) -> bool:
