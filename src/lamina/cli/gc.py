@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, ui: UI) -> int:
 
 def _run_store(args: argparse.Namespace, ui: UI) -> int:
     with open_store(args.store) as store:
-        res = store.gc(dry_run=args.dry_run)
+        res = store.gc(dry_run=args.dry_run, removers=_removers())
     if args.json:
         ui.emit_json(res.to_json())
         return 0
@@ -62,3 +62,16 @@ def _run_store(args: argparse.Namespace, ui: UI) -> int:
             f"kept {res.kept.get('refs', 0)} images, {res.kept.get('layers', 0)} layers, "
             f"{res.kept.get('objects', 0)} objects")
     return 0
+
+
+def _removers() -> dict[str, Any]:
+    """Built-in drivers that delete their extractions their own way (btrfs: one
+    subvolume delete instead of a file-by-file walk); plugins are not loaded."""
+    from lamina.drivers.registry import default_registry
+    out: dict[str, Any] = {}
+    for entry in default_registry():
+        if entry.builtin:
+            rm = getattr(entry.load(), "remover", None)
+            if callable(rm):
+                out[entry.name] = rm
+    return out
