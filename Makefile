@@ -6,6 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 APT_PKGS := gcc libssl-dev libfuse3-dev pkg-config fuse3 fuse-overlayfs umoci skopeo runc attr tar gzip zstd util-linux docker-registry btrfs-progs xfsprogs e2fsprogs jq
 STAMP   := $(VENV)/.installed
+TSTAMP  := $(VENV)/.installed-test
 
 .PHONY: demo test lint typecheck unit integration bench apt-deps clean
 
@@ -13,11 +14,17 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# lamina itself (its C fast path is optional: without gcc/libssl-dev it is skipped)
 $(STAMP): $(BIN)/python pyproject.toml setup.py src/lamina/_fastpath.c
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e .
 	@# byte-compile as a regular install does (an editable one under
 	@# PYTHONDONTWRITEBYTECODE would recompile every module on every run)
 	$(BIN)/python -m compileall -q src/lamina
+	touch $@
+
+# what the tests need from PyPI (pyfuse3 builds against libfuse3-dev: after apt-deps)
+$(TSTAMP): $(STAMP) pyproject.toml | apt-deps
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 apt-deps:
@@ -32,17 +39,17 @@ apt-deps:
 demo: $(STAMP)
 	$(BIN)/python -m lamina.demo demo
 
-lint: $(STAMP)
+lint: $(TSTAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/mypy
 
-test: apt-deps $(STAMP) lint
+test: apt-deps $(TSTAMP) lint
 	$(BIN)/pytest -q -ra tests
 
-unit: $(STAMP)
+unit: $(TSTAMP)
 	$(BIN)/pytest -q tests/unit
 
-bench: $(STAMP) apt-deps
+bench: $(TSTAMP) apt-deps
 	$(BIN)/python bench/unpack.py
 
 clean:
