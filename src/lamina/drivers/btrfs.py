@@ -110,15 +110,19 @@ def mount_source(path: str) -> str:
     different st_dev, so st_dev cannot tell "same filesystem")."""
     p = os.path.realpath(path)
     best, src = "", ""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts, rparts = left.split(), right.split()
-            if len(parts) < 5 or len(rparts) < 2:
-                continue
-            mnt = parts[4].replace("\\040", " ")
-            if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, src = mnt, f"{rparts[1]}:{parts[2]}"   # device and major:minor
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        parts, rparts = left.split(), right.split()
+        if len(parts) < 5 or len(rparts) < 2:
+            continue
+        mnt = parts[4].replace("\\040", " ")
+        if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, src = mnt, f"{rparts[1]}:{parts[2]}"   # device and major:minor
     return src
 
 
