@@ -175,7 +175,6 @@ class ObjectsDriver(Driver):
                 finally:
                     w.set_farm(None)
 
-
     def usage(self, bundle: str) -> Usage:
         """Linked files belong to the layer's farm (shared): not counted.  Cloned
         files are counted whole, though they share their extents until written
