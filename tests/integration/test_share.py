@@ -152,3 +152,28 @@ def test_share_unknown_image_or_layer(tmp_path: Path) -> None:
     assert r.returncode == 3, r.stderr
     r = run_lamina(["share", "--store", str(tmp_path / "s"), "sha256:" + "a" * 64])
     assert r.returncode == 3, r.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/var/tmp/lamina-corpus/oci"), reason="corpus not built")
+def test_corpus_app_shared_equals_full_unpack(
+        tmp_path: Path, public_dir: Path,
+        fuse_overlayfs_as_nobody: list[tuple[subprocess.Popen[str], Path]]) -> None:
+    # real layers: hard links, setuid binaries, a whiteout below a file of the same layer
+    img = "/var/tmp/lamina-corpus/oci:app"
+    store = public_dir / "store"
+    r = run_lamina(["import", "-q", "--store", str(store), img, "app"])
+    assert r.returncode == 0, r.stderr
+    r = run_lamina(["share", "--json", "--store", str(store), "app"])
+    assert r.returncode == 0, r.stderr
+    lowerdir = json.loads(r.stdout)["lowerdir"]
+    r = run_lamina(["unpack", "-q", "--image", img, str(tmp_path / "b")])
+    assert r.returncode == 0, r.stderr
+    mnt = public_dir / "merged"
+    _mount_as_nobody(fuse_overlayfs_as_nobody, lowerdir, mnt)
+    got = tree_manifest(str(mnt))
+    for e in got.values():
+        e["xattrs"].pop("user.containers.override_stat", None)
+    diff = diff_manifests(tree_manifest(str(tmp_path / "b/rootfs")), got,
+                          names=("unpack", "fuse-overlayfs"), ignore_fields={"link_group"},
+                          ignore_root=True)
+    assert diff == []

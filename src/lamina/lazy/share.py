@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import UnsafeLayerError, UnsupportedError
+from lamina.layer import whiteout as wh
 from lamina.layer.extract import clean_name
 from lamina.layer.tarstream import TarEntry, TarReader
 
@@ -121,7 +122,12 @@ class _DiffWriter:
                                 override_value(e.uid, e.gid, e.mode))
                     self._xattrs(self.root_fd, e)
                 continue
-            pfd = self._parent(comps[:-1], e.name)
+            try:
+                pfd = self._parent(comps[:-1], e.name)
+            except UnsupportedError:
+                if comps[-1].startswith(wh.PREFIX):
+                    continue    # a whiteout below a non-directory hides nothing (as unpack)
+                raise
             try:
                 self._entry(e, reader, pfd, comps[-1])
             finally:
