@@ -67,3 +67,11 @@ def test_objects_driver_on_btrfs(btrfs_dir: Path) -> None:
     # reflinked files where the filesystem has them; read-only bundles hardlink a farm
     assert_conformant(default_registry().get("objects"), btrfs_dir / "work",
                       ConformanceOptions(repack_refresh=False))
+
+
+def test_lazy_driver(tmp_path: Path) -> None:
+    # serves only when named; reads layer data on demand, so a damaged blob shows up as
+    # read errors, not at unpack; a lazy bundle has no --refresh-bundle
+    assert_conformant(default_registry().get("lazy"), tmp_path / "work",
+                      ConformanceOptions(forced=True, repack_refresh=False,
+                                         verifies_on_read=True))

@@ -103,6 +103,11 @@ class ConformanceOptions:
     ignore_fields: frozenset[str] = frozenset()
     #: repack twice with ``--refresh-bundle`` in between (False: once, no refresh)
     repack_refresh: bool = True
+    #: requests say the user named the driver (``--driver``), for drivers that serve only then
+    forced: bool = False
+    #: the driver reads layer data on demand (lazy mounts): a corrupt blob may let prepare()
+    #: succeed, but reading the damaged content must then fail, never return other bytes
+    verifies_on_read: bool = False
 
 
 # -- images -------------------------------------------------------------------------------
@@ -203,7 +208,7 @@ class _Run:
                             read_only=read_only,
                             annotations={**manifest.annotations, **annotations},
                             store=self.store, layout=lay, image=image, tag=tag,
-                            rootless=not self.root)
+                            rootless=not self.root, forced=self.opts.forced)
 
     # -- checks -----------------------------------------------------------------------------
     def declaration(self) -> bool:
@@ -492,8 +497,11 @@ class _Run:
         except Exception as e:
             self.fail("errors", case, f"raised {type(e).__name__} (not a LaminaError): {e}")
         else:
-            self.fail("errors", case, "prepare() succeeded")
-            _force_remove(bundle)
+            if self.opts.verifies_on_read and not keep:
+                self._check_read_errors(case, d, bundle)
+            else:
+                self.fail("errors", case, "prepare() succeeded")
+                _force_remove(bundle)
             return
         if not keep and os.path.lexists(bundle):
             self.fail("errors", case, "a bundle was left behind")
@@ -501,6 +509,30 @@ class _Run:
         left = _staging(bundle)
         if left:
             self.fail("errors", case, "staging left behind: " + ", ".join(left))
+
+
+    def _check_read_errors(self, case: str, d: Driver, bundle: str) -> None:
+        """Reading every file of a bundle over a corrupt layer: some read must fail."""
+        failed = 0
+        for dirpath, _dirs, files in os.walk(os.path.join(bundle, "rootfs")):
+            for n in files:
+                p = os.path.join(dirpath, n)
+                if not os.path.isfile(p) or os.path.islink(p):
+                    continue
+                try:
+                    with open(p, "rb") as f:
+                        while f.read(1 << 20):
+                            pass
+                except OSError:
+                    failed += 1
+        if not failed:
+            self.fail("errors", case, "every file of a bundle over a corrupt layer read "
+                      "without an error")
+        try:
+            d.remove(bundle)
+        except Exception as e:
+            self.fail("remove", case, f"remove() raised {type(e).__name__}: {e}")
+        _force_remove(bundle)
 
 
 def check_driver(factory: DriverFactory, workdir: str,
