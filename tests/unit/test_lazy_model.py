@@ -182,3 +182,16 @@ def test_multi_frame_zstd_reads_only_the_frames_needed(
     # three 50 kB files out of a 2 MB blob: a few frames each, not the whole layer
     assert fetcher.stats.files_fetched == 3
     assert fetcher.stats.blob_bytes_read < desc.size / 3
+
+
+def test_index_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
+    from lamina.lazy.mount import index_image
+    from lamina.oci.layout import ImageRef
+
+    build_image(str(tmp_path / "l"), "t", [TarBuilder().add_file("f", b"x").build()])
+    ref = ImageRef(str(tmp_path / "l"), "t")
+    tree, _layers, _descs, built = index_image(ref)
+    assert built == 1 and tree.count == 2
+    (tmp_path / "l/.lamina-lazy").chmod(0o777)
+    with pytest.raises(UnsafeLayerError, match="writable only by its owner"):
+        index_image(ref)

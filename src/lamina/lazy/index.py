@@ -33,12 +33,18 @@ import base64
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lamina.errors import CorruptLayerError, DigestMismatchError, UnsupportedError
+from lamina.errors import (
+    CorruptLayerError,
+    DigestMismatchError,
+    UnsafeLayerError,
+    UnsupportedError,
+)
 from lamina.layer.tarstream import TarReader
 from lamina.oci import mediatypes as mt
 from lamina.oci.layout import OCILayout
@@ -91,6 +97,27 @@ class LayerIndex:
 
 def index_dir(layout: OCILayout) -> str:
     return os.path.join(layout.path, INDEX_DIR)
+
+
+def check_index_dir(layout: OCILayout) -> None:
+    """Refuse an index directory someone else could have written.
+
+    The indexes are not content-addressed: the stored tree decides what the
+    mount shows and which sha256 a file must match.  So, like ssh with its
+    keys, they are used only from a directory owned by root or the caller and
+    writable by nobody else.
+    """
+    d = index_dir(layout)
+    try:
+        st = os.stat(d, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or (
+            st.st_mode & 0o022):
+        raise UnsafeLayerError(
+            f"lazy index directory {d} is not a directory owned by root or you and "
+            "writable only by its owner",
+            hint=f"remove it (rm -r {d}) and build the indexes again")
 
 
 def _paths(layout: OCILayout, desc: Descriptor) -> tuple[str, str]:
@@ -261,7 +288,7 @@ def build_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex
     comp = compression_of(desc)
     blob_path = layout.blob_path(desc.digest)
     jpath, gpath = _paths(layout, desc)
-    os.makedirs(os.path.dirname(jpath), exist_ok=True)
+    os.makedirs(os.path.dirname(jpath), 0o755, exist_ok=True)
     # the blob digest first: nothing is indexed from unverified bytes
     h = hashlib.sha256()
     size = 0

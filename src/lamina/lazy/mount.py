@@ -31,6 +31,7 @@ from lamina.lazy.fetch import Fetcher, LookupPlugin
 from lamina.lazy.index import (
     LayerIndex,
     atomic_write,
+    check_index_dir,
     ensure_index,
     index_dir,
     light_index,
@@ -100,6 +101,7 @@ def index_image(image: ImageRef, platform: Platform | None = None, *, build: boo
                          f"{len(manifest.layers)} layers")
     pairs = list(zip(manifest.layers, config.diff_ids, strict=True))
     descs = [d.to_json() for d in manifest.layers]
+    check_index_dir(layout)
     tree_path = os.path.join(index_dir(layout), "tree-" + manifest.digest.split(":", 1)[1])
     try:
         with open(tree_path, "rb") as f:
