@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lamina.drivers.base import ChainLayer, ClaimRequest
+from lamina.drivers.guard import prepare_checked
 from lamina.drivers.registry import Registry, default_registry, select
 from lamina.layer.idmap import IdMapping
 from lamina.oci.layout import ImageRef, OCILayout
@@ -65,7 +66,7 @@ def unpack_with_driver(opts: DriverUnpackOptions, progress: Progress | None = No
                         for i, d in enumerate(manifest.layers)],
                        layout=layout, image=str(ref), tag=ref.tag)
         sel = select(req, opts.driver, store_path=None, registry=reg)
-        return sel.driver.prepare(progress)
+        return prepare_checked(sel.factory, sel.driver, req, progress)
     from lamina.store import Store
     with Store.open(opts.store) as store:
         name = opts.image
@@ -78,7 +79,7 @@ def unpack_with_driver(opts: DriverUnpackOptions, progress: Progress | None = No
                        [ChainLayer(la.desc, la.diff_id, la.chain_id) for la in img.layers],
                        store=store, image=img.name, tag=img.name.rpartition(":")[2])
         sel = select(req, opts.driver, store_path=store.path, registry=reg)
-        return sel.driver.prepare(progress)
+        return prepare_checked(sel.factory, sel.driver, req, progress)
 
 
 def _request(opts: DriverUnpackOptions, manifest: Manifest, cfg: ImageConfig,
