@@ -16,6 +16,9 @@ Schema: one array of tables per event, each table one hook::
     env = { CACHE = "/var/cache/other-tool" }
     when = { media_type = ["*tar+gzip"], annotations = { "org.example.reuse" = "yes" } }
 
+Hooks run with lamina's privileges: a hooks file or executable not owned by
+root or the current user, or writable by group/others, is refused.
+
 Protocol: the hook gets one JSON object on stdin (``version`` =
 :data:`PROTOCOL_VERSION`, ``event`` and the event's fields, see
 ``docs/plugins.md``) and answers with its exit status:
