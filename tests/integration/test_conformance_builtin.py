@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopfs import loop_fs
 
 from conftest import need_tool
 from lamina.drivers.registry import default_registry
@@ -34,24 +33,9 @@ def test_objects_driver_without_refresh(tmp_path: Path) -> None:
 
 @pytest.fixture
 def btrfs_dir(tmp_path: Path) -> Iterator[Path]:
-    need_tool("mkfs.btrfs")
     need_tool("btrfs")
-    image = tmp_path / "btrfs.img"
-    with open(image, "wb") as f:
-        f.truncate(256 << 20)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot loop-mount btrfs: {r.stderr}")
-        pytest.skip(f"cannot loop-mount btrfs: {r.stderr.strip()}")
-    try:
+    with loop_fs("btrfs", tmp_path, 256 << 20) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-d", str(mnt)], check=False, capture_output=True)
 
 
 def test_btrfs_driver(btrfs_dir: Path) -> None:

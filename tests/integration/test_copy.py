@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loopfs import loop_fs, shared_extents
 
-from conftest import need_tool, run_lamina
+from conftest import run_lamina
 from lamina.errors import CorruptLayerError, DigestMismatchError, UnsafeLayerError, UsageError
 from lamina.ipc.client import StoreClient
 from lamina.oci.layout import OCILayout
@@ -69,34 +70,9 @@ def _exports_match(store: Path, tars: list[bytes]) -> None:
 # -- reflink filesystems ---------------------------------------------------------------------
 
 @pytest.fixture(params=["btrfs", "xfs"])
-def reflink_fs(request: pytest.FixtureRequest, tmp_path: Path,
-               require_root: None) -> Iterator[Path]:
-    kind = str(request.param)
-    image = tmp_path / f"{kind}.img"
-    with open(image, "wb") as f:
-        f.truncate(400 * MiB)
-    mkfs = ([need_tool("mkfs.btrfs"), "-q", "-f", str(image)] if kind == "btrfs" else
-            [need_tool("mkfs.xfs"), "-q", "-f", "-m", "reflink=1", str(image)])
-    subprocess.run(mkfs, check=True, capture_output=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot loop-mount {kind}: {r.stderr}")
-        pytest.skip(f"cannot loop-mount {kind}: {r.stderr.strip()}")
-    try:
+def reflink_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    with loop_fs(str(request.param), tmp_path) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-d", str(mnt)], check=False, capture_output=True)
-
-
-def _shared(path: Path) -> bool:
-    out = subprocess.run([need_tool("filefrag"), "-v", str(path)], check=True,
-                         capture_output=True, text=True).stdout
-    extents = [ln for ln in out.splitlines() if ln.strip()[:1].isdigit() and ":" in ln]
-    return bool(extents) and all("shared" in ln for ln in extents)
 
 
 def _free(path: Path) -> int:
@@ -135,9 +111,9 @@ def test_store_to_store_copy_on_reflink_fs_moves_no_data(reflink_fs: Path,
         img = s.image("app:v1")
         objs = [Path(s.object_path(o)) for ly in img.layers for o in s.layer_objects(ly.diff_id)]
         big_objs = [p for p in objs if p.stat().st_size >= MiB]
-        assert len(big_objs) == 4 and all(_shared(p) for p in big_objs)
-        assert all(_shared(Path(s.blob_path(ly.desc.digest))) for ly in img.layers)
-        assert all(_shared(Path(s.tar_split_path(ly.diff_id))) for ly in img.layers)
+        assert len(big_objs) == 4 and all(shared_extents(p) for p in big_objs)
+        assert all(shared_extents(Path(s.blob_path(ly.desc.digest))) for ly in img.layers)
+        assert all(shared_extents(Path(s.tar_split_path(ly.diff_id))) for ly in img.layers)
     with Store.open(str(a), create=False) as s:
         assert s.image("app:v1").manifest.digest == img.manifest.digest
     _fsck_ok(a)

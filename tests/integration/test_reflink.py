@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopfs import loop_fs, shared_extents
 
-from conftest import need_tool
 from lamina.layer.tarstream import TarEntry
 from lamina.stream.splitdirfdstream import (
     DataReader,
@@ -31,40 +30,10 @@ from lamina.testing.layers import TarBuilder
 pytestmark = pytest.mark.root
 
 
-def _mkfs(kind: str, image: Path) -> list[str]:
-    if kind == "btrfs":
-        return [need_tool("mkfs.btrfs"), "-q", "-f", str(image)]
-    return [need_tool("mkfs.xfs"), "-q", "-f", "-m", "reflink=1", str(image)]
-
-
 @pytest.fixture(params=["btrfs", "xfs"])
-def reflink_fs(request: pytest.FixtureRequest, tmp_path: Path,
-               require_root: None) -> Iterator[Path]:
-    kind = str(request.param)
-    image = tmp_path / f"{kind}.img"
-    with open(image, "wb") as f:
-        f.truncate(320 << 20)       # xfs wants >= 300 MiB; sparse, so cheap
-    subprocess.run(_mkfs(kind, image), check=True, capture_output=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot loop-mount {kind}: {r.stderr}")
-        pytest.skip(f"cannot loop-mount {kind}: {r.stderr.strip()}")
-    try:
+def reflink_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    with loop_fs(str(request.param), tmp_path, 320 << 20) as mnt:
         yield mnt
-    finally:
-        # umount -d also detaches the loop device mount set up
-        subprocess.run(["umount", "-d", str(mnt)], check=False, capture_output=True)
-
-
-def _shared(path: Path) -> bool:
-    out = subprocess.run([need_tool("filefrag"), "-v", str(path)], check=True,
-                         capture_output=True, text=True).stdout
-    extents = [ln for ln in out.splitlines() if ln.strip()[:1].isdigit() and ":" in ln]
-    return bool(extents) and all("shared" in ln for ln in extents)
 
 
 def test_import_file_reflinks_and_layer_matches(reflink_fs: Path) -> None:
@@ -106,7 +75,7 @@ def test_import_file_reflinks_and_layer_matches(reflink_fs: Path) -> None:
         assert cloned == [True, True, True]
         os.sync()
         for p in payloads[:2]:
-            assert _shared(dst_objs / hashlib.sha256(p).hexdigest())
+            assert shared_extents(dst_objs / hashlib.sha256(p).hexdigest())
         out = io.BytesIO()
         assert write_tar(read_chunks(io.BytesIO(stream.getvalue())), [dfd], out) == did
         assert out.getvalue() == tar
