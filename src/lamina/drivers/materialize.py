@@ -280,7 +280,7 @@ class StoreRootfsWriter(RootfsWriter):
         with _quiet_unlink(self._farm_fd, tmp):
             self._farm_writer._apply_entry(replace(e, name=tmp), reader, self._farm_fd, tmp,
                                            tmp, LayerStats())
-        self._farm_writer._layer_paths.discard(tmp)
+        self._farm_writer._layer.paths.discard(tmp)
         os.rename(tmp, fname, src_dir_fd=self._farm_fd, dst_dir_fd=self._farm_fd)
         self._farm_names.add(fname)
         self.place.farm_new += 1

@@ -164,8 +164,7 @@ class RootfsWriter:
         self._stale: list[int] = []   # dropped fds that a caller may still be using
         self.dir_meta: dict[str, tuple[int, int]] = {}   # real path -> (mode, mtime_ns)
         self.hashes: dict[str, bytes] = {}                # real path -> sha256 of content
-        self._layer_paths: set[str] = set()
-        self._layer_ancestors: set[str] = set()
+        self._layer = wh.LayerPaths()
         self._warned: set[str] = set()
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._umask = os.umask(0o022)
@@ -318,7 +317,7 @@ class RootfsWriter:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        keep = real in self._layer_paths or real in self._layer_ancestors
+        keep = self._layer.keeps(real)
         if not keep:
             self._remove(pfd, name, st.st_mode, real)
             return
@@ -333,8 +332,7 @@ class RootfsWriter:
 
     # -- the layer loop ----------------------------------------------------------
     def apply(self, reader: TarReader, stats: LayerStats) -> None:
-        self._layer_paths = set()
-        self._layer_ancestors = set()
+        self._layer = wh.LayerPaths()
         pending: list[_Pending] = []
         if fastpath_enabled() and not (self.opts.uid_map or self.opts.gid_map):
             reader.fast = self._fast_fn(stats)
@@ -364,7 +362,7 @@ class RootfsWriter:
             pfd, preal = got
             name = comps[-1]
             real = f"{preal}/{name}" if preal else name
-            self._mark(real)
+            self._layer.mark(real)
             if entry.kind == "hardlink":
                 if not self._hardlink(entry, pfd, name, real, final=False):
                     pending.append(_Pending(entry, comps[:-1], name))
@@ -380,32 +378,22 @@ class RootfsWriter:
         assert _fastpath is not None
         extract = _fastpath.extract_files
         rootless, euid, egid, umask = self.opts.rootless, self._euid, self._egid, self._umask
-        anc = self._layer_ancestors
+        layer = self._layer       # apply() makes one per layer, before this
 
         def fast(buf: bytes, pos: int) -> tuple[int, int]:
+            # the C side adds each member to layer.paths; its parents are marked here
             pos, entries, files, nbytes, parents, need = extract(
-                buf, pos, self._dirs, self._stale, _FD_CACHE, self.hashes, self._layer_paths,
+                buf, pos, self._dirs, self._stale, _FD_CACHE, self.hashes, layer.paths,
                 self.dir_meta, rootless, euid, egid, umask)
             if entries:
                 stats.entries += entries
                 stats.files += files
                 stats.fast += entries
                 stats.bytes += nbytes
-                for p in parents:   # what _mark does for each file's parent
-                    while p and p not in anc:
-                        anc.add(p)
-                        p = p.rpartition("/")[0]
-                anc.add("")
+                for p in parents:
+                    layer.mark_parent(p)
             return pos, need
         return fast
-
-    def _mark(self, real: str) -> None:
-        self._layer_paths.add(real)
-        parent = real.rpartition("/")[0]
-        while parent and parent not in self._layer_ancestors:
-            self._layer_ancestors.add(parent)
-            parent = parent.rpartition("/")[0]
-        self._layer_ancestors.add("")
 
     def _whiteout(self, comps: tuple[str, ...], raw_name: str) -> None:
         base = comps[-1]
@@ -435,7 +423,7 @@ class RootfsWriter:
     def _mark_dir_only(self, real: str) -> None:
         # the opaque directory itself belongs to this layer (its lower children do not)
         if real:
-            self._mark(real)
+            self._layer.mark(real)
 
     def _apply_root(self, entry: TarEntry) -> None:
         if entry.kind != "dir":
@@ -484,7 +472,7 @@ class RootfsWriter:
             self.warn_once("dev", f"skipping device node /{real} (and any further ones): "
                                   "cannot create devices when rootless")
             stats.skipped += 1
-            self._layer_paths.discard(real)
+            self._layer.paths.discard(real)
             return
         self._replace(pfd, name, real)
         if e.kind == "symlink":

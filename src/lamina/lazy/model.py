@@ -61,8 +61,7 @@ class Tree:
         self.root = self._new("dir", 0o755, 0, 0, 0)
         self.root.parent = self.root
         self.inodes: dict[int, Node] = {}
-        self._paths: set[str] = set()
-        self._ancestors: set[str] = set()
+        self._layer = wh.LayerPaths()
 
     def _new(self, kind: str, mode: int, uid: int, gid: int, mtime_ns: int) -> Node:
         n = Node(self._next, kind, mode, uid, gid, mtime_ns)
@@ -112,20 +111,12 @@ class Tree:
             nodes.append(n)
         return tuple(real), nodes[-1]
 
-    def _mark(self, real: str) -> None:
-        self._paths.add(real)
-        parent = real.rpartition("/")[0]
-        while parent and parent not in self._ancestors:
-            self._ancestors.add(parent)
-            parent = parent.rpartition("/")[0]
-        self._ancestors.add("")
-
     def _clear_lower(self, d: Node, name: str, real: str) -> None:
         assert d.children is not None
         n = d.children.get(name)
         if n is None:
             return
-        if real not in self._paths and real not in self._ancestors:
+        if not self._layer.keeps(real):
             del d.children[name]
             return
         if n.children is not None:
@@ -134,8 +125,7 @@ class Tree:
 
     # -- layers -----------------------------------------------------------------------
     def apply(self, layer: int, members: Sequence[Member]) -> None:
-        self._paths = set()
-        self._ancestors = set()
+        self._layer = wh.LayerPaths()
         pending: list[tuple[Member, tuple[str, ...]]] = []
         for m in members:
             if m.kind == "skip":
@@ -161,7 +151,7 @@ class Tree:
             assert got is not None
             preal, parent = got
             name = comps[-1]
-            self._mark("/".join((*preal, name)))
+            self._layer.mark("/".join((*preal, name)))
             if m.kind == "hardlink":
                 if not self._hardlink(m, parent, name, final=False):
                     pending.append((m, comps[:-1]))
@@ -180,7 +170,7 @@ class Tree:
             dreal, d = got
             real = "/".join(dreal)
             if real:
-                self._mark(real)
+                self._layer.mark(real)
             assert d.children is not None
             for child in list(d.children):
                 self._clear_lower(d, child, f"{real}/{child}" if real else child)
