@@ -88,6 +88,7 @@ class LayerCopy:
     diff_id: str
     blob: str
     action: str                 # "copied" or "skipped" (already there)
+    linked_bytes: int | None = None
     reflinked_bytes: int | None = None
     copied_bytes: int | None = None
     present_bytes: int | None = None
@@ -113,6 +114,7 @@ class CopyResult:
 
         d["layers_copied"] = sum(1 for x in self.layers if x.action == "copied")
         d["layers_skipped"] = sum(1 for x in self.layers if x.action == "skipped")
+        d["linked_bytes"] = total("linked_bytes")
         d["reflinked_bytes"] = total("reflinked_bytes")
         d["copied_bytes"] = total("copied_bytes")
         d["present_bytes"] = total("present_bytes")
@@ -387,6 +389,7 @@ async def copy_async(opts: CopyOptions) -> CopyResult:
                     raise DigestMismatchError(f"layer {rec.diff_id} arrived as {got.diff_id}")
                 lc = LayerCopy(rec.diff_id, got.descriptor.digest, "copied")
                 if stats is not None:
+                    lc.linked_bytes = stats.linked_bytes
                     lc.reflinked_bytes = stats.reflinked_bytes
                     lc.copied_bytes = stats.copied_bytes
                     lc.present_bytes = stats.present_bytes
@@ -415,7 +418,8 @@ def summary_line(res: CopyResult) -> str:
         return "?" if v is None else f"{v / 1e6:.1f} MB"
     return (f"copied {res.source} -> {res.destination} ({res.manifest[:19]}): "
             f"{d['layers_copied']} layers copied, {d['layers_skipped']} skipped; "
-            f"{mb(d['reflinked_bytes'])} reflinked, {mb(d['copied_bytes'])} copied, "
+            f"{mb(d['linked_bytes'])} hardlinked, {mb(d['reflinked_bytes'])} reflinked, "
+            f"{mb(d['copied_bytes'])} copied, "
             f"{mb(d['present_bytes'])} already present; {res.seconds:.2f}s"
             + ("" if res.verified else " (trusted source store)"))
 

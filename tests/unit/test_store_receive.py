@@ -73,7 +73,8 @@ def _send(src: Store, dst: Store, *, trust: bool, local: bool = False) -> None:
         finally:
             os.close(bfd)
         assert (desc, did) == (ly.desc, ly.diff_id)
-        assert stats.present_bytes + stats.copied_bytes + stats.reflinked_bytes > 0
+        assert (stats.present_bytes + stats.copied_bytes + stats.reflinked_bytes
+                + stats.linked_bytes) > 0
     dst.put_image("app:v1", src.read_blob(img.manifest.digest),
                   src.read_blob(img.manifest.config.digest))
 

@@ -81,6 +81,7 @@ class ReceiveStats:
     files: int = 0              # regular files with content
     new_objects: int = 0
     reflinked_bytes: int = 0    # new objects made with FICLONE: no data written
+    linked_bytes: int = 0       # new objects hardlinked from the source store's
     copied_bytes: int = 0       # new objects whose data was written
     present_bytes: int = 0      # objects the store already had
     tar_size: int = 0
@@ -252,6 +253,7 @@ class _Receiver:
         self.temps: list[str] = []
         self._subdirs: dict[str, int] = {}
         self._tmpfile = True        # O_TMPFILE + FICLONE works here, until it does not
+        self._objects_dev = os.fstat(self.objw.dir_fd).st_dev
         self._mu = threading.Lock()
         # the stream's files are a local store's objects this process opened: hash them
         # where they are (often in the page cache) instead of a private clone (new
@@ -443,7 +445,7 @@ class _Receiver:
         present = self._indexed(list(want))
         missing = [(h, c) for h, c in want.items() if h not in present]
         self.stats.present_bytes += sum(want[h].size for h in present)
-        def work(part: list[tuple[str, Chunk]]) -> list[tuple[bool, bool]]:
+        def work(part: list[tuple[str, Chunk]]) -> list[tuple[bool, str]]:
             return [self._clone_object(dirfds[0], h, c) for h, c in part]
 
         # one slice per thread: a future per object would cost more than the clone
@@ -453,12 +455,14 @@ class _Receiver:
             done = list(pool.map(work, parts))
         results = [(hc, r) for part, rs in zip(parts, done, strict=True)
                    for hc, r in zip(part, rs, strict=True)]
-        for (_h, c), (created, cloned) in results:
+        for (_h, c), (created, how) in results:
             if not created:
                 self.stats.present_bytes += c.size
             else:
                 self.stats.new_objects += 1
-                if cloned:
+                if how == "linked":
+                    self.stats.linked_bytes += c.size
+                elif how == "cloned":
                     self.stats.reflinked_bytes += c.size
                 else:
                     self.stats.copied_bytes += c.size
@@ -485,11 +489,17 @@ class _Receiver:
                 fd = old
         return fd
 
-    def _clone_object(self, src_dir: int, hexd: str, chunk: Chunk) -> tuple[bool, bool]:
-        """Clone one trusted object (its name is ``ab/62 hex``, checked); returns
-        ``(created, cloned)``.  An unnamed O_TMPFILE in ``objects/ab/`` gets the data
-        and is then linked under its name, so it appears whole and never replaces a
-        file; without O_TMPFILE or FICLONE, the staging path is taken."""
+    def _clone_object(self, src_dir: int, hexd: str, chunk: Chunk) -> tuple[bool, str]:
+        """Bring one trusted object (its name is ``ab/62 hex``, checked) into this
+        store; returns ``(created, how)``, *how* being "linked", "cloned" or "copied".
+
+        On the same filesystem, an object the caller owns is hardlinked: objects are
+        immutable (0444, replaced only by unlink), so two stores can share the inode,
+        which costs a directory entry, not an inode and its extents.  Someone else's
+        is never linked (its owner could change it under this store).  Otherwise an
+        unnamed O_TMPFILE in ``objects/ab/`` gets the data (FICLONE) and is then
+        linked under its name, so it appears whole and never replaces a file; without
+        O_TMPFILE or FICLONE, the staging path is taken."""
         assert chunk.name is not None
         src = os.open(chunk.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                       dir_fd=src_dir)
@@ -499,6 +509,17 @@ class _Receiver:
                 raise CorruptLayerError(
                     f"object sha256:{hexd} of the source store is not a {chunk.size}-byte "
                     "file", hint="run 'lamina fsck' on the source store")
+            if st.st_dev == self._objects_dev and st.st_uid == os.geteuid():
+                try:
+                    os.link(chunk.name, hexd[2:], src_dir_fd=src_dir,
+                            dst_dir_fd=self._subdir(hexd[:2]), follow_symlinks=False)
+                except FileExistsError:
+                    return False, "linked"
+                except OSError:
+                    pass        # e.g. EMLINK, or protected_hardlinks: clone instead
+                else:
+                    self.objw.known.add(hexd)
+                    return True, "linked"
             if self._tmpfile:
                 d = self._subdir(hexd[:2])
                 try:
@@ -514,9 +535,9 @@ class _Receiver:
                         try:
                             os.link(f"/proc/self/fd/{fd}", hexd[2:], dst_dir_fd=d)
                         except FileExistsError:
-                            return False, True
+                            return False, "cloned"
                         self.objw.known.add(hexd)
-                        return True, True
+                        return True, "cloned"
                     except OSError:
                         self._tmpfile = False   # no FICLONE here (or no /proc): staging
                     finally:
@@ -525,7 +546,7 @@ class _Receiver:
                 tmp = self.tmpname("recv")
             cloned = import_file(src, self.sfd, tmp, mode=0o444)
             with self._mu:
-                return self._publish_object(tmp, hexd), cloned
+                return self._publish_object(tmp, hexd), "cloned" if cloned else "copied"
         finally:
             os.close(src)
 
