@@ -196,22 +196,21 @@ def main() -> int:
         "the exported layout. The closest honest equivalent of `docker save | docker load`.",
         f"- Setup (untimed): `lamina import` of the image into A took {setup_s:.1f} s.",
         f"- What the store-to-store copy writes: no file data. Its {copy_used / 1e6:.1f} MB of "
-        f"new blocks are about {copy_used / nfiles:.0f} bytes per file with content: the new "
-        "object's inode (512 bytes on xfs), its rows in lamina.db (about 370 bytes) and "
-        "directory entries. So the 5% target holds for images whose files average more "
-        f"than about {copy_used / nfiles * 20 / 1000:.0f} KB; this one averages "
-        f"{tar_size / nfiles / 1000:.0f} KB.",
-        "- Why the 10x target is missed: a per-file store makes one clone, one inode and one "
-        "link per file; that kernel work (the same as `cp -a --reflink=always` of the objects "
-        "directory) takes seconds for tens of thousands of files on this busy loop device, "
-        "while the baseline's import of *uncompressed* tars is cheap (no decompression, blobs "
-        "hardlinked from the layout). `--verify` also rereads and rehashes all the data and "
-        "runs the per-file splitter, so it is no faster than re-importing.",
+        f"new blocks are about {copy_used / nfiles:.0f} bytes per file with content: objects "
+        "the copying user owns on the same filesystem are hardlinked (immutable, so the two "
+        "stores share the inode: a directory entry each), plus their rows in lamina.db (about "
+        "370 bytes) and the reflinked blobs and tar-splits. So the 5% target holds for images "
+        f"whose files average more than about {copy_used / nfiles * 20 / 1000:.0f} KB; this "
+        f"one averages {tar_size / nfiles / 1000:.0f} KB.",
+        "- Where the copy's time goes: one link and one index row per object (tens of "
+        "thousands here), the blob and tar-split clones, and the index transaction; the "
+        "baseline's import of *uncompressed* tars is cheap in comparison (no decompression, "
+        "blobs hardlinked from the layout). `--verify` also rereads and rehashes all the "
+        "data and runs the per-file splitter, so it is no faster than re-importing.",
         "- Other load during the runs (CPU seconds per second of everything else, from "
         "/proc/stat), max: " + ", ".join(
             f"{k} {max((x[2] or 0.0) for x in v):.2f}" for k, v in rows.items()) + ". "
-        "**The machine was busy with other work (2 CPUs shared with other engineers' "
-        "builds and tests): timings are noisy.**",
+        "One run per method: timings on this shared 2-CPU machine are noisy.",
         "",
         "Rerun: `sudo .venv/bin/python bench/store_copy.py` (`--fs btrfs` for btrfs).",
     ]
