@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopfs import loop_fs
 
 from conftest import need_tool
 from lamina.bundle import UnpackOptions, unpack
@@ -44,37 +45,9 @@ MiB = 1 << 20
 
 # -- fixtures ------------------------------------------------------------------------------
 
-def _mkfs(kind: str, image: Path) -> list[str]:
-    if kind == "btrfs":
-        return [need_tool("mkfs.btrfs"), "-q", "-f", str(image)]
-    if kind == "xfs":
-        return [need_tool("mkfs.xfs"), "-q", "-f", "-m", "reflink=1", str(image)]
-    return [need_tool("mkfs.ext4"), "-q", "-F", str(image)]
-
-
 def _loopfs(kind: str, tmp_path: Path, size: int = 400 * MiB) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop mounts)")
-    image = tmp_path / f"{kind}.img"
-    with open(image, "wb") as f:
-        f.truncate(size)            # sparse; xfs wants >= 300 MiB
-    subprocess.run(_mkfs(kind, image), check=True, capture_output=True)
-    mnt = tmp_path / f"mnt-{kind}"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot loop-mount {kind}: {r.stderr}")
-        pytest.skip(f"cannot loop-mount {kind}: {r.stderr.strip()}")
-    try:
+    with loop_fs(kind, tmp_path, size) as mnt:
         yield mnt
-    finally:
-        # -R: also whatever a failed test left mounted inside (an overlay bundle)
-        r = subprocess.run(["umount", "-R", str(mnt)], check=False, capture_output=True)
-        if r.returncode != 0:
-            subprocess.run(["umount", "-R", "-l", str(mnt)], check=False,
-                           capture_output=True)
 
 
 @pytest.fixture
