@@ -344,16 +344,10 @@ class RootfsWriter:
                 stats.skipped += 1
                 continue
             comps = clean_name(entry.name)
-            if wh.PREFIX in entry.name:
-                if comps and comps[-1].startswith(wh.PREFIX):
-                    self._whiteout(comps, entry.name)
-                    stats.whiteouts += 1
-                    continue
-                for c in comps[:-1]:
-                    if c.startswith(wh.PREFIX):
-                        raise UnsafeLayerError(
-                            f"entry {entry.name!r} lies beneath a whiteout name {c!r}",
-                            hint="whiteout markers cannot be directories")
+            if wh.is_marker(entry.name, comps):
+                self._whiteout(comps, entry.name)
+                stats.whiteouts += 1
+                continue
             if not comps:
                 self._apply_root(entry)
                 continue
@@ -405,12 +399,9 @@ class RootfsWriter:
             for child in _listdir_fresh(dfd):
                 self._clear_lower(dfd, child, f"{real}/{child}" if real else child)
             return
-        if base.startswith(wh.META_PREFIX):
-            return  # other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): not content
-        target = base[len(wh.PREFIX):]
-        if target in ("", ".", "..") or "/" in target:
-            raise UnsafeLayerError(f"invalid whiteout {raw_name!r}",
-                                   hint="a whiteout must name one file or directory")
+        target = wh.hidden_name(base, raw_name)
+        if target is None:
+            return
         try:
             got = self._dir_fd(comps[:-1], False, raw_name)
         except CorruptLayerError:

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+from lamina.errors import UnsafeLayerError
+
 PREFIX = ".wh."
 META_PREFIX = ".wh..wh."
 OPAQUE = ".wh..wh..opq"
+
+
+def is_marker(name: str, comps: tuple[str, ...]) -> bool:
+    """Whether the member *name* (split into *comps*) is a whiteout marker.
+
+    A member beneath a whiteout name (``a/.wh.b/c``) is refused: markers are not
+    directories.
+    """
+    if PREFIX not in name:
+        return False
+    if comps and comps[-1].startswith(PREFIX):
+        return True
+    for c in comps[:-1]:
+        if c.startswith(PREFIX):
+            raise UnsafeLayerError(f"entry {name!r} lies beneath a whiteout name {c!r}",
+                                   hint="whiteout markers cannot be directories")
+    return False
+
+
+def hidden_name(base: str, raw: str) -> str | None:
+    """The name the marker *base* (not :data:`OPAQUE`) hides; None for other AUFS
+    metadata (``.wh..wh.plnk``, ``.wh..wh.aufs``), which hides nothing."""
+    if base.startswith(META_PREFIX):
+        return None
+    target = base[len(PREFIX):]
+    if target in ("", ".", "..") or "/" in target:
+        raise UnsafeLayerError(f"invalid whiteout {raw!r}",
+                               hint="a whiteout must name one file or directory")
+    return target
 
 
 class LayerPaths:

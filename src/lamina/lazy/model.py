@@ -131,15 +131,9 @@ class Tree:
             if m.kind == "skip":
                 continue
             comps = clean_name(m.name)
-            if wh.PREFIX in m.name:
-                if comps and comps[-1].startswith(wh.PREFIX):
-                    self._whiteout(comps, m.name)
-                    continue
-                for c in comps[:-1]:
-                    if c.startswith(wh.PREFIX):
-                        raise UnsafeLayerError(
-                            f"entry {m.name!r} lies beneath a whiteout name {c!r}",
-                            hint="whiteout markers cannot be directories")
+            if wh.is_marker(m.name, comps):
+                self._whiteout(comps, m.name)
+                continue
             if not comps:
                 if m.kind != "dir":
                     raise UnsafeLayerError(f"entry {m.name!r} would replace the root directory")
@@ -175,12 +169,9 @@ class Tree:
             for child in list(d.children):
                 self._clear_lower(d, child, f"{real}/{child}" if real else child)
             return
-        if base.startswith(wh.META_PREFIX):
+        target = wh.hidden_name(base, raw)
+        if target is None:
             return
-        target = base[len(wh.PREFIX):]
-        if target in ("", ".", "..") or "/" in target:
-            raise UnsafeLayerError(f"invalid whiteout {raw!r}",
-                                   hint="a whiteout must name one file or directory")
         try:
             got = self._resolve(comps[:-1], False, raw)
         except CorruptLayerError:
