@@ -106,6 +106,24 @@ def _prepare_target(bundle: str) -> None:
                           hint="choose a new path or remove the old bundle")
 
 
+def claim_target(bundle: str,
+                 reclaim: Callable[[str, str], None] | None = None) -> str:
+    """Check that *bundle* (absolute) can be made and clear what killed earlier
+    unpacks of it left behind; returns its parent directory.
+
+    *reclaim(parent, name)* runs first, for a driver whose stale staging holds
+    what ``rmtree`` cannot remove (mounts, subvolumes).
+    """
+    _prepare_target(bundle)
+    parent = os.path.dirname(bundle)
+    if not os.path.isdir(parent):
+        raise BundleError(f"parent directory {parent} does not exist")
+    if reclaim is not None:
+        reclaim(parent, os.path.basename(bundle))
+    _remove_stale_stages(parent, os.path.basename(bundle))
+    return parent
+
+
 def unpack(opts: UnpackOptions, progress: Progress | None = None) -> UnpackResult:
     t0 = time.monotonic()
     layout, manifest = resolve_image(opts.image, opts.platform, _hook_runner(opts))
@@ -123,11 +141,7 @@ def unpack_resolved(layout: OCILayout, manifest: Manifest, cfg: ImageConfig,
     prog = progress or Progress()
     t0 = time.monotonic() if t0 is None else t0
     bundle = os.path.abspath(opts.bundle)
-    _prepare_target(bundle)
-    parent = os.path.dirname(bundle)
-    if not os.path.isdir(parent):
-        raise BundleError(f"parent directory {parent} does not exist")
-    _remove_stale_stages(parent, os.path.basename(bundle))
+    parent = claim_target(bundle)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-{os.getpid()}-",
                              dir=parent)
     result = UnpackResult(bundle, manifest.digest, cfg.digest, len(manifest.layers))

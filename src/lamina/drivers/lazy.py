@@ -34,7 +34,6 @@ from lamina.drivers.base import (
     is_root,
     unsupported,
 )
-from lamina.errors import BundleError
 
 if TYPE_CHECKING:
     from lamina.bundle import Progress, UnpackResult
@@ -58,9 +57,8 @@ class LazyDriver(Driver):
         from lamina.bundle import (
             METADATA,
             UnpackResult,
-            _prepare_target,
-            _remove_stale_stages,
             _rmtree_quiet,
+            claim_target,
             write_json,
         )
         from lamina.lazy.mount import LazyMountOptions, mount, unmount
@@ -71,11 +69,7 @@ class LazyDriver(Driver):
         assert r.layout is not None
         t0 = time.monotonic()
         bundle = os.path.abspath(r.bundle)
-        _prepare_target(bundle)
-        parent = os.path.dirname(bundle)
-        if not os.path.isdir(parent):
-            raise BundleError(f"parent directory {parent} does not exist")
-        _remove_stale_stages(parent, os.path.basename(bundle))
+        parent = claim_target(bundle)
         if progress is not None:
             progress.start(sum(c.desc.size for c in r.chain), len(r.chain))
         stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-{os.getpid()}-",

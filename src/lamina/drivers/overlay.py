@@ -187,21 +187,15 @@ class OverlayDriver(Driver):
         from lamina.bundle import (
             METADATA,
             UnpackResult,
-            _prepare_target,
-            _remove_stale_stages,
             _rmtree_quiet,
+            claim_target,
             write_json,
         )
         from lamina.oci import runtime
         r, store = self.req, self._store()
         t0 = time.monotonic()
         bundle = os.path.abspath(r.bundle)
-        _prepare_target(bundle)
-        parent = os.path.dirname(bundle)
-        if not os.path.isdir(parent):
-            raise BundleError(f"parent directory {parent} does not exist")
-        _unmount_stale_stages(parent, os.path.basename(bundle))
-        _remove_stale_stages(parent, os.path.basename(bundle))
+        parent = claim_target(bundle, _unmount_stale_stages)
         if progress is not None:
             progress.start(sum(c.desc.size for c in r.chain), len(r.chain))
         with store.session():

@@ -19,13 +19,11 @@ from lamina.bundle import (
     METADATA,
     SNAPSHOT,
     UnpackResult,
-    _prepare_target,
-    _remove_stale_stages,
     _rmtree_quiet,
+    claim_target,
     write_json,
 )
 from lamina.drivers.base import ClaimRequest
-from lamina.errors import BundleError
 from lamina.layer.extract import LayerStats
 from lamina.layer.snapshot import write_rows
 from lamina.oci import runtime
@@ -33,13 +31,8 @@ from lamina.oci import runtime
 
 def begin(bundle: str, cleanup: Callable[[str], None] | None = None) -> str:
     """Check the target and make the staging directory (returned; 0700, empty)."""
-    _prepare_target(bundle)
-    parent = os.path.dirname(bundle)
-    if not os.path.isdir(parent):
-        raise BundleError(f"parent directory {parent} does not exist")
-    if cleanup is not None:
-        _reclaim_with(parent, os.path.basename(bundle), cleanup)
-    _remove_stale_stages(parent, os.path.basename(bundle))
+    parent = claim_target(bundle, None if cleanup is None else (
+        lambda p, n: _reclaim_with(p, n, cleanup)))
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(bundle)}.lamina-{os.getpid()}-",
                              dir=parent)
     os.chmod(stage, 0o700)
