@@ -45,6 +45,7 @@ from lamina.layer.tarstream import TarReader
 from lamina.oci import runtime
 from lamina.oci.layout import ImageRef, OCILayout
 from lamina.oci.model import ImageConfig, Manifest, Platform
+from lamina.progress import Progress as Progress  # re-exported: drivers type against it
 
 if TYPE_CHECKING:
     from lamina.hooks import HookOptions, HookRunner
@@ -85,15 +86,6 @@ class UnpackResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-class Progress:
-    """Callbacks the CLI can implement; the library never prints."""
-
-    def start(self, total_bytes: int, layers: int) -> None: ...
-    def advance(self, nbytes: int) -> None: ...
-    def layer_done(self, index: int) -> None: ...
-    def warn(self, message: str) -> None: ...
 
 
 def _prepare_target(bundle: str) -> None:

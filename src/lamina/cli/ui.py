@@ -6,8 +6,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from lamina.bundle import Progress as ProgressHooks
 from lamina.errors import LaminaError
+from lamina.progress import Progress as ProgressHooks
 from lamina.registry.progress import TransferProgress
 
 if TYPE_CHECKING:

@@ -46,6 +46,7 @@ from lamina.registry.auth import (
     resolve_credentials,
 )
 from lamina.registry.reference import RegistryRef, is_loopback
+from lamina.registry.transport import StdlibTransport
 
 MAX_MANIFEST = 4 << 20  # the distribution spec lets registries refuse larger manifests
 MANIFEST_ACCEPT = ", ".join([mt.INDEX, mt.MANIFEST, mt.DOCKER_MANIFEST_LIST,
@@ -126,7 +127,10 @@ class RegistryClient:
             except (OSError, ssl.SSLError) as e:
                 raise UsageError(f"--ca-cert {options.ca_cert}: {e}",
                                  hint="give a PEM file with the CA certificate(s)") from None
+        # http.client underneath (see transport.py); hosts behind an env proxy
+        # (HTTPS_PROXY...) go through httpx's own transport, which uses *verify*
         self.http = httpx.Client(
+            transport=StdlibTransport(verify, options.connections),
             verify=verify, follow_redirects=True,
             timeout=httpx.Timeout(options.timeout, connect=min(options.timeout, 15.0)),
             limits=httpx.Limits(max_connections=options.connections,

@@ -18,24 +18,51 @@ drivers use::
 rebuilds a layer tar, ``gc``/``fsck`` maintain the store.
 """
 
-from lamina.store.fsck import Finding, FsckResult
-from lamina.store.gc import StoreGCResult
-from lamina.store.ids import chain_id, chain_ids, parse_ref
-from lamina.store.objects import object_name
-from lamina.store.store import (
-    Extraction,
-    ImportResult,
-    IngestResult,
-    LayerImport,
-    LayerInfo,
-    LayerStats,
-    RefInfo,
-    Store,
-    StoredImage,
-    StoredLayer,
-    StoreOptions,
-    default_store_path,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lamina.store.fsck import Finding, FsckResult
+    from lamina.store.gc import StoreGCResult
+    from lamina.store.ids import chain_id, chain_ids, parse_ref
+    from lamina.store.objects import object_name
+    from lamina.store.paths import default_store_path
+    from lamina.store.store import (
+        Extraction,
+        ImportResult,
+        IngestResult,
+        LayerImport,
+        LayerInfo,
+        LayerStats,
+        RefInfo,
+        Store,
+        StoredImage,
+        StoredLayer,
+        StoreOptions,
+    )
+
+# name -> submodule, imported on first use (PEP 562): commands that only need
+# the default path (every --store help text) skip the store, fsck and gc code.
+_WHERE = {
+    "Finding": "fsck", "FsckResult": "fsck", "StoreGCResult": "gc",
+    "chain_id": "ids", "chain_ids": "ids", "parse_ref": "ids",
+    "object_name": "objects", "default_store_path": "paths",
+    **{name: "store" for name in (
+        "Extraction", "ImportResult", "IngestResult", "LayerImport", "LayerInfo",
+        "LayerStats", "RefInfo", "Store", "StoredImage", "StoredLayer", "StoreOptions")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lamina.store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lamina.store.{mod}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Extraction",

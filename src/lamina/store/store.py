@@ -91,6 +91,7 @@ from lamina.store.db import SCHEMA_VERSION, Database
 from lamina.store.ids import chain_ids, check_driver, hex_of, parse_ref
 from lamina.store.locking import Staging, StoreLock, reclaim, rmtree_all, work_lock
 from lamina.store.objects import SMALL, ObjectWriter, object_name, syncfs
+from lamina.store.paths import default_store_path
 from lamina.stream.splitdirfdstream import (
     DataReader,
     StreamWriter,
@@ -151,16 +152,6 @@ def _host_errors(fn: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatena
 DIRS = ("blobs/sha256", "objects", "layers", "extract", "tmp", "locks")
 BLOB_MODE = 0o444
 _IO = 1 << 20
-
-
-def default_store_path() -> str:
-    """``/var/lib/lamina`` for root, else ``$XDG_DATA_HOME/lamina`` (or ``~/.local/share``)."""
-    if os.geteuid() == 0:
-        return "/var/lib/lamina"
-    base = os.environ.get("XDG_DATA_HOME", "")
-    if not os.path.isabs(base):  # the XDG spec says relative values are invalid
-        base = os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "lamina")
 
 
 @dataclass(frozen=True)
