@@ -44,7 +44,7 @@ from lamina.oci.layout import ImageRef, OCILayout
 from lamina.oci.model import Descriptor
 from lamina.store import Store
 from lamina.store.ids import parse_ref
-from lamina.store.receive import BlobInput, ReceiveStats
+from lamina.store.receive import BlobInput, ReceiveStats, SourceIndex
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,7 @@ class _Opened:
     dirfds: Sequence[int]
     blob: BlobInput | None
     local_store: bool = False   # the files are a store's objects this process opened
+    source_index: SourceIndex | None = None     # that store's rows for the layer
 
 
 class _Side(Protocol):
@@ -164,7 +165,8 @@ class _Local:
             try:
                 fd = src.open_stream()
                 try:
-                    yield _Opened(fd, src.dirfds, src.blob, local_store=True)
+                    yield _Opened(fd, src.dirfds, src.blob, local_store=True,
+                                  source_index=await asyncio.to_thread(src.source_index))
                 finally:
                     os.close(fd)
             finally:
@@ -205,7 +207,8 @@ class _Local:
                 desc, digest, stats = await asyncio.to_thread(
                     self.backend.store.receive_layer, stream, src.dirfds, diff_id=diff_id,
                     blob=src.blob, compression=compression, trust_source=trust,
-                    local_source=src.local_store)
+                    local_source=src.local_store,
+                    source_index=src.source_index if trust else None)
                 return LayerRecord(desc, digest), stats
             rec = await asyncio.to_thread(self.backend.put_layer, stream, src.dirfds,
                                           diff_id=diff_id, compression=compression,

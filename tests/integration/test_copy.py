@@ -130,6 +130,39 @@ def test_store_to_store_copy_on_reflink_fs_moves_no_data(reflink_fs: Path,
     _exports_match(reflink_fs / "d", tars)
 
 
+def _layer_rows(store: Path) -> list[tuple[object, ...]]:
+    """What the index records of each layer and its objects (not times)."""
+    with Store.open(str(store), create=False) as s:
+        rows = s.db.query("SELECT diff_id, blob, media_type, blob_size, tar_size, files, state "
+                          "FROM layers ORDER BY diff_id")
+        rows += s.db.query("SELECT * FROM layer_objects ORDER BY diff_id, object")
+        rows += s.db.query("SELECT * FROM objects ORDER BY digest")
+        return rows
+
+
+@pytest.mark.root
+def test_trusted_copy_records_what_a_verified_one_does(tmp_path: Path) -> None:
+    """The trusted copy takes a layer's objects and sizes from the source index
+    instead of scanning its tar-split; the index it writes must be the one a full
+    verification writes.  A source objects directory others may write to is not
+    linked unchecked: every object is stat'ed (still linked: ours, same fs)."""
+    tars = _layers(big=MiB, n_big=2)
+    build_image(str(tmp_path / "lay"), "v1", tars)
+    a = tmp_path / "a"
+    _json(["import", f"{tmp_path / 'lay'}:v1", "app:v1", "--store", str(a)])
+    trusted = _json(["copy", f"store:{a}:app:v1", f"store:{tmp_path / 'b'}"])
+    verified = _json(["copy", "--verify", f"store:{a}:app:v1", f"store:{tmp_path / 'c'}"])
+    assert not trusted["verified"] and verified["verified"]
+    assert _layer_rows(tmp_path / "b") == _layer_rows(tmp_path / "c") == _layer_rows(a)
+    os.chmod(a / "objects", 0o770)     # group-writable: objects checked one by one
+    res = _json(["copy", f"store:{a}:app:v1", f"store:{tmp_path / 'd'}"])
+    assert res["linked_bytes"] >= 2 * MiB and res["copied_bytes"] < 64 << 10
+    assert _layer_rows(tmp_path / "d") == _layer_rows(a)
+    for d in "bcd":
+        _fsck_ok(tmp_path / d)
+    _exports_match(tmp_path / "d", tars)
+
+
 # -- stores and layouts ------------------------------------------------------------------------
 
 def test_store_and_layout_both_ways(tmp_path: Path) -> None:

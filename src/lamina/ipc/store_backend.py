@@ -22,7 +22,7 @@ from lamina.ipc.backend import Busy, LayerRecord, Release
 from lamina.oci import mediatypes as mt
 from lamina.oci.model import Descriptor, Platform
 from lamina.store import Store
-from lamina.store.receive import BlobInput
+from lamina.store.receive import BlobInput, SourceIndex
 
 _IO = 1 << 20
 
@@ -42,6 +42,8 @@ class StoreLayer:
                 raise NotFoundError(f"no layer with diff_id {diff_id} in the store {store.path}",
                                     hint="list the image's layers with Inspect")
             self.tar_size = info.tar_size
+            self._store = store
+            self._files = info.files
             try:
                 self._split = os.open(store.tar_split_path(diff_id), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -63,6 +65,11 @@ class StoreLayer:
         """The tar-split file itself, opened afresh (in-process copies read it directly, and
         a trusting receiver on the same filesystem clones it)."""
         return os.open(f"/proc/self/fd/{self._split}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def source_index(self) -> SourceIndex:
+        """The index rows of this layer, for a trusting receiver in this process."""
+        return SourceIndex(self._store.layer_object_sizes(self.diff_id), self.tar_size,
+                           self._files)
 
     def write_to(self, out: BinaryIO) -> str:
         """Copy the tar-split verbatim; the receiver reassembles and checks the diff_id."""

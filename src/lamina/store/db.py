@@ -13,6 +13,12 @@ front and cannot deadlock upgrading a read.
 
 The schema version lives in ``PRAGMA user_version``.  A store written by a
 newer lamina (higher version) is refused rather than guessed at.
+
+``layer_objects`` has no index on ``object``: only ``gc`` asks "which objects
+does no layer reference", and SQLite answers that ``NOT IN`` with a temporary
+index built once per gc, while a permanent one doubled the cost of recording a
+layer (tens of thousands of rows).  Stores made before it was dropped keep it;
+both work.
 """
 
 from __future__ import annotations
@@ -82,7 +88,6 @@ CREATE TABLE layer_objects (        -- which objects a layer's tar-split referen
     object     TEXT NOT NULL,
     PRIMARY KEY (diff_id, object)
 ) WITHOUT ROWID;
-CREATE INDEX layer_objects_by_object ON layer_objects (object);
 CREATE TABLE extractions (          -- what drivers made under extract/<driver>/
     driver     TEXT NOT NULL,
     chain_id   TEXT NOT NULL,
@@ -145,6 +150,10 @@ class Database:
             # WAL + NORMAL: a commit survives a process crash; after a power loss the
             # last commits may roll back, which only turns finished files into garbage
             self.conn.execute("PRAGMA synchronous = NORMAL")
+            # 32 MiB of page cache (default 2): a layer commits tens of thousands of
+            # object rows in one transaction; with a small cache its B-tree pages
+            # spill to the WAL mid-transaction and are rewritten
+            self.conn.execute("PRAGMA cache_size = -32768")
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

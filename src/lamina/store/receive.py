@@ -36,7 +36,6 @@ import re
 import stat
 import struct
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -70,7 +69,7 @@ if TYPE_CHECKING:
 _IO = 1 << 20
 _OBJ_NAME = re.compile(rb"^([0-9a-f]{2})/([0-9a-f]{62})$")
 _SCAN = 4 << 20             # read-ahead when scanning a cloned tar-split
-_CLONERS = 4               # threads cloning objects in a trusted copy
+_CLONERS = 4                # threads cloning objects in a trusted copy
 _HINT_PEER = "the sender's stream or the files it references do not match the layer"
 
 
@@ -90,6 +89,17 @@ class ReceiveStats:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """What a local source store's index says of a layer it sends: its objects
+    (hex -> size) and the sizes its ``layers`` row records.  A trusted receiver
+    that cloned the tar-split takes these instead of scanning it."""
+
+    objects: dict[str, int]
+    tar_size: int
+    files: int
 
 
 @dataclass
@@ -254,6 +264,7 @@ class _Receiver:
         self._subdirs: dict[str, int] = {}
         self._tmpfile = True        # O_TMPFILE + FICLONE works here, until it does not
         self._objects_dev = os.fstat(self.objw.dir_fd).st_dev
+        self._euid = os.geteuid()
         self._mu = threading.Lock()
         # the stream's files are a local store's objects this process opened: hash them
         # where they are (often in the page cache) instead of a private clone (new
@@ -440,13 +451,22 @@ class _Receiver:
                 out.file_ref(c.size, 0, object_name(hexd))
         if out is not None:
             out.flush()
+        self.bring({h: c.size for h, c in want.items()}, dirfds)
+
+    def bring(self, want: dict[str, int], dirfds: Sequence[int]) -> None:
+        """Clone or link the objects *want* names (hex -> size) that this store lacks
+        from ``dirfds[0]``, a trusted store's objects directory."""
         if not dirfds and want:
             raise UsageError("a store's stream needs its objects directory as dirfd 0")
         present = self._indexed(list(want))
-        missing = [(h, c) for h, c in want.items() if h not in present]
-        self.stats.present_bytes += sum(want[h].size for h in present)
-        def work(part: list[tuple[str, Chunk]]) -> list[tuple[bool, str]]:
-            return [self._clone_object(dirfds[0], h, c) for h, c in part]
+        missing = [(h, n) for h, n in want.items() if h not in present]
+        self.stats.present_bytes += sum(want[h] for h in present)
+        link_all = self._linkable_dir(dirfds[0]) if missing else False
+
+        def work(part: list[tuple[str, int]]) -> list[tuple[bool, str]]:
+            if link_all:
+                return self._link_objects(dirfds[0], part)
+            return [self._clone_object(dirfds[0], h, n) for h, n in part]
 
         # one slice per thread: a future per object would cost more than the clone
         n = max(1, min(_CLONERS, len(missing) // 256))
@@ -455,17 +475,45 @@ class _Receiver:
             done = list(pool.map(work, parts))
         results = [(hc, r) for part, rs in zip(parts, done, strict=True)
                    for hc, r in zip(part, rs, strict=True)]
-        for (_h, c), (created, how) in results:
+        for (_h, size), (created, how) in results:
             if not created:
-                self.stats.present_bytes += c.size
+                self.stats.present_bytes += size
             else:
                 self.stats.new_objects += 1
                 if how == "linked":
-                    self.stats.linked_bytes += c.size
+                    self.stats.linked_bytes += size
                 elif how == "cloned":
-                    self.stats.reflinked_bytes += c.size
+                    self.stats.reflinked_bytes += size
                 else:
-                    self.stats.copied_bytes += c.size
+                    self.stats.copied_bytes += size
+
+    def _linkable_dir(self, src_dir: int) -> bool:
+        """Whether every object below *src_dir* may be hardlinked unchecked: the
+        directory is ours, on our filesystem and writable by nobody else, so
+        only we (or root) can have put files in it."""
+        st = os.fstat(src_dir)
+        return (st.st_dev == self._objects_dev and st.st_uid == self._euid
+                and not st.st_mode & 0o022)
+
+    def _link_objects(self, src_dir: int, part: list[tuple[str, int]]
+                      ) -> list[tuple[bool, str]]:
+        """:meth:`_clone_object` for a :meth:`_linkable_dir`: a bare linkat per
+        object (the copy of a big image is tens of thousands of them); whatever
+        cannot be linked takes the checked path."""
+        out: list[tuple[bool, str]] = []
+        link, subdir, known = os.link, self._subdir, self.objw.known
+        for h, n in part:
+            try:
+                link(f"{h[:2]}/{h[2:]}", h[2:], src_dir_fd=src_dir, dst_dir_fd=subdir(h[:2]),
+                     follow_symlinks=False)
+            except FileExistsError:
+                out.append((False, "linked"))
+            except OSError:     # EMLINK, protected_hardlinks on a root-made file, ...
+                out.append(self._clone_object(src_dir, h, n))
+            else:
+                known.add(h)
+                out.append((True, "linked"))
+        return out
 
     def _indexed(self, hexds: list[str]) -> set[str]:
         """The objects among *hexds* this store's index records."""
@@ -489,7 +537,14 @@ class _Receiver:
                 fd = old
         return fd
 
-    def _clone_object(self, src_dir: int, hexd: str, chunk: Chunk) -> tuple[bool, str]:
+    @staticmethod
+    def _check_source(st: os.stat_result, hexd: str, size: int) -> None:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise CorruptLayerError(
+                f"object sha256:{hexd} of the source store is not a {size}-byte file",
+                hint="run 'lamina fsck' on the source store")
+
+    def _clone_object(self, src_dir: int, hexd: str, size: int) -> tuple[bool, str]:
         """Bring one trusted object (its name is ``ab/62 hex``, checked) into this
         store; returns ``(created, how)``, *how* being "linked", "cloned" or "copied".
 
@@ -500,26 +555,25 @@ class _Receiver:
         unnamed O_TMPFILE in ``objects/ab/`` gets the data (FICLONE) and is then
         linked under its name, so it appears whole and never replaces a file; without
         O_TMPFILE or FICLONE, the staging path is taken."""
-        assert chunk.name is not None
-        src = os.open(chunk.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+        name = object_name(hexd)
+        # the link path needs no open: one fstatat, one linkat (half the syscalls)
+        st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        self._check_source(st, hexd, size)
+        if st.st_dev == self._objects_dev and st.st_uid == self._euid:
+            try:
+                os.link(name, hexd[2:], src_dir_fd=src_dir,
+                        dst_dir_fd=self._subdir(hexd[:2]), follow_symlinks=False)
+            except FileExistsError:
+                return False, "linked"
+            except OSError:
+                pass        # e.g. EMLINK, or protected_hardlinks: clone instead
+            else:
+                self.objw.known.add(hexd)
+                return True, "linked"
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                       dir_fd=src_dir)
         try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != chunk.size:
-                raise CorruptLayerError(
-                    f"object sha256:{hexd} of the source store is not a {chunk.size}-byte "
-                    "file", hint="run 'lamina fsck' on the source store")
-            if st.st_dev == self._objects_dev and st.st_uid == os.geteuid():
-                try:
-                    os.link(chunk.name, hexd[2:], src_dir_fd=src_dir,
-                            dst_dir_fd=self._subdir(hexd[:2]), follow_symlinks=False)
-                except FileExistsError:
-                    return False, "linked"
-                except OSError:
-                    pass        # e.g. EMLINK, or protected_hardlinks: clone instead
-                else:
-                    self.objw.known.add(hexd)
-                    return True, "linked"
+            self._check_source(os.fstat(src), hexd, size)  # the file opened
             if self._tmpfile:
                 d = self._subdir(hexd[:2])
                 try:
@@ -601,10 +655,13 @@ class _Receiver:
 
 def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: str | None,
             blob: BlobInput | None, compression: str, trust_source: bool,
-            local_source: bool = False) -> tuple[Descriptor, str, ReceiveStats]:
+            local_source: bool = False,
+            source_index: SourceIndex | None = None) -> tuple[Descriptor, str, ReceiveStats]:
     """Store one layer from a splitdirfdstream; the caller holds a session.
 
-    Returns the blob descriptor, the diff_id and what it cost.
+    Returns the blob descriptor, the diff_id and what it cost.  With
+    *trust_source*, *source_index* (the local source store's rows for the layer)
+    replaces the scan of a cloned tar-split.
     """
     if trust_source and (diff_id is None or blob is None):
         raise UsageError("a trusted copy needs the diff_id and the blob")
@@ -617,9 +674,15 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
         if cloned is not None:
             split = cloned
             r.stats.split_cloned = True
-            with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=r.sfd), "rb",
-                      buffering=_IO) as f:
-                r.trusted(f, dirfds, None)
+            if source_index is not None:
+                r.stats.tar_size = source_index.tar_size
+                r.stats.files = source_index.files
+                r.refs = dict(source_index.objects)
+                r.bring(r.refs, dirfds)
+            else:
+                with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=r.sfd), "rb",
+                          buffering=_IO) as f:
+                    r.trusted(f, dirfds, None)
             assert diff_id is not None
             digest = diff_id
         else:
@@ -655,17 +718,7 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
             r.temps.remove(staged_blob)
             if store.options.fsync:
                 syncfs(store._root_fd)
-            with store.db.tx() as c:
-                c.execute("DELETE FROM layer_objects WHERE diff_id = ?", (digest,))
-                c.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?)",
-                              [(f"sha256:{h}", n) for h, n in r.refs.items()])
-                c.executemany("INSERT INTO layer_objects VALUES (?, ?)",
-                              [(digest, f"sha256:{h}") for h in r.refs])
-                c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
-                          (desc.digest, desc.media_type, desc.size))
-                c.execute("INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, 'ready', ?)",
-                          (digest, desc.digest, desc.media_type, desc.size,
-                           r.stats.tar_size, r.stats.files, time.time()))
+            store._record_layer(digest, r.refs, desc, r.stats.tar_size, r.stats.files)
         return desc, digest, r.stats
     finally:
         r.cleanup()

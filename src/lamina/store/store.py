@@ -104,7 +104,7 @@ from lamina.stream.splitdirfdstream import (
 if TYPE_CHECKING:
     from lamina.store.fsck import FsckResult
     from lamina.store.gc import StoreGCResult
-    from lamina.store.receive import BlobInput, ReceiveStats
+    from lamina.store.receive import BlobInput, ReceiveStats, SourceIndex
 
 class Progress(Protocol):
     """The hooks imports report to (lamina.bundle.Progress and the CLI's bars fit)."""
@@ -520,6 +520,13 @@ class Store:
         return [str(r[0]) for r in self.db.query(
             "SELECT object FROM layer_objects WHERE diff_id = ? ORDER BY object", (diff_id,))]
 
+    def layer_object_sizes(self, diff_id: str) -> dict[str, int]:
+        """The objects a stored layer references: hex digest -> size, in key order."""
+        rows = self.db.query(
+            "SELECT o.digest, o.size FROM layer_objects l JOIN objects o "
+            "ON o.digest = l.object WHERE l.diff_id = ? ORDER BY l.object", (diff_id,))
+        return {str(d)[7:]: int(str(n)) for d, n in rows}
+
     @contextlib.contextmanager
     def layer_lock(self, diff_id: str) -> Iterator[bool]:
         """The work lock of one layer (held while it is ingested); yields "waited"."""
@@ -630,19 +637,27 @@ class Store:
             self._link_blob(staged_blob, desc.digest)
         if self.options.fsync:
             syncfs(self._root_fd)  # everything the row names is durable before the row
-        now = time.time()
+        self._record_layer(diff_id, refs, desc, stats.tar_size, stats.files)
+        return stats
+
+    def _record_layer(self, diff_id: str, refs: dict[str, int], desc: Descriptor,
+                      tar_size: int, files: int) -> None:
+        """Commit a layer's rows: its objects (*refs*: hex -> size), blob and layer.
+        The caller made everything they name durable first."""
+        # in key order: each insert appends to the B-trees instead of splitting
+        # random pages (3x faster for the 25k objects of a big layer)
+        rows = sorted(refs.items())
         with self.db.tx() as c:
             c.execute("DELETE FROM layer_objects WHERE diff_id = ?", (diff_id,))
             c.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?)",
-                          [(f"sha256:{h}", n) for h, n in refs.items()])
+                          [(f"sha256:{h}", n) for h, n in rows])
             c.executemany("INSERT INTO layer_objects VALUES (?, ?)",
-                          [(diff_id, f"sha256:{h}") for h in refs])
+                          [(diff_id, f"sha256:{h}") for h, _n in rows])
             c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
                       (desc.digest, desc.media_type, desc.size))
             c.execute("INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, 'ready', ?)",
-                      (diff_id, desc.digest, desc.media_type, desc.size, stats.tar_size,
-                       stats.files, now))
-        return stats
+                      (diff_id, desc.digest, desc.media_type, desc.size, tar_size,
+                       files, time.time()))
 
     @_host_errors
     def export_layer(self, diff_id: str, out: IO[bytes]) -> str:
@@ -671,7 +686,8 @@ class Store:
     def receive_layer(self, stream: BinaryIO, dirfds: Sequence[int], *,
                       diff_id: str | None = None, blob: BlobInput | None = None,
                       compression: str = "gzip", trust_source: bool = False,
-                      local_source: bool = False) -> tuple[Descriptor, str, ReceiveStats]:
+                      local_source: bool = False, source_index: SourceIndex | None = None,
+                      ) -> tuple[Descriptor, str, ReceiveStats]:
         """Store a layer sent as a splitdirfdstream whose file chunks name files
         beneath *dirfds*; returns ``(blob descriptor, diff_id, stats)``.
 
@@ -684,7 +700,7 @@ class Store:
         with self.session():
             return receive(self, stream, dirfds, diff_id=diff_id, blob=blob,
                            compression=compression, trust_source=trust_source,
-                           local_source=local_source)
+                           local_source=local_source, source_index=source_index)
 
     @_host_errors
     def put_image(self, name: str, manifest: bytes, config: bytes) -> str:
