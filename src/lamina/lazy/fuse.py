@@ -134,6 +134,9 @@ class LazyOperations(pyfuse3.Operations):
             except LaminaError as e:
                 log.error("fetching inode %d: %s", n.ino, e.message)
                 raise _err(errno.EIO) from None
+            except OSError as e:    # the cache's disk: an unhandled error would end the mount
+                log.error("fetching inode %d: %s", n.ino, e)
+                raise _err(errno.EIO) from None
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self._open[fh] = (n, fd)
         return os.pread(fd, size, off)

@@ -126,6 +126,11 @@ def _paths(layout: OCILayout, desc: Descriptor) -> tuple[str, str]:
     return os.path.join(d, desc.hex + ".json"), os.path.join(d, desc.hex + ext)
 
 
+def index_paths(layout: OCILayout, desc: Descriptor) -> tuple[str, str]:
+    """Where the member list and the seek index of *desc* are stored (they may not exist)."""
+    return _paths(layout, desc)
+
+
 def _seek_path(comp: str, path: str) -> str:
     if comp == "gzip" or (comp == "zstd" and os.path.exists(path)):
         return path
@@ -308,6 +313,10 @@ def build_index(layout: OCILayout, desc: Descriptor, diff_id: str) -> LayerIndex
             try:
                 igz = indexed_gzip.IndexedGzipFile(fileobj=raw, spacing=SPACING,
                                                    readbuf_size=_READ, drop_handles=False)
+                # checkpoints first, in one pass: plain reads add them only when a read
+                # starts past the last one (never in a layer its 8 MiB buffer covers, nor
+                # in the tail of any layer) and inflate the data twice doing it
+                igz.build_full_index()
             except Exception as e:  # raised as ZranError/ValueError subclasses
                 raise CorruptLayerError(f"layer {desc.digest}: bad gzip stream: {e}") from None
             src_read: Callable[[int], bytes] = igz.read
