@@ -9,6 +9,10 @@ directories in STATE), so changes land in ``STATE/upper`` and can be repacked.
 
 A record ``RUN/lazy/<hash of the mount point>.json`` (RUN: ``$LAMINA_RUN_DIR``,
 default ``/run/lamina``) names the daemon, so :func:`unmount` can stop it.
+
+The image is an OCI layout's (:class:`ImageRef`) or a registry's
+(:class:`lamina.lazy.remote.RemoteImage`: index from its lazy index artifact,
+data by HTTP range requests, see :mod:`lamina.lazy.remote`).
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ from lamina.lazy.index import (
     load_index,
 )
 from lamina.lazy.model import FrozenTree, build_tree, dump_tree
+from lamina.lazy.remote import RemoteBlobs, RemoteImage, resolve
 from lamina.oci.layout import ImageRef, OCILayout
 from lamina.oci.model import Platform
 
 
 @dataclass(frozen=True)
 class LazyMountOptions:
-    image: ImageRef
+    image: ImageRef | RemoteImage
     mountpoint: str
     platform: Platform | None = None
     cache_dir: str | None = None    # keep fetched contents here (default: private, removed)
@@ -65,13 +70,16 @@ class MountResult:
     seconds: float
     lower: str = ""
     cache: str = ""
+    manifest: str = ""
+    artifact: str = ""          # the lazy index artifact (registry images)
 
     def to_json(self) -> dict[str, Any]:
         return {"mountpoint": self.mountpoint, "pid": self.pid, "layers": self.layers,
                 "inodes": self.inodes, "indexes_built": self.indexes_built,
                 "index_seconds": round(self.index_seconds, 4),
                 "seconds": round(self.seconds, 4),
-                "lower": self.lower, "cache": self.cache}
+                "lower": self.lower, "cache": self.cache, "manifest": self.manifest,
+                "artifact": self.artifact}
 
 
 def run_dir() -> str:
@@ -169,14 +177,22 @@ def mount(opts: LazyMountOptions) -> MountResult:
     # on the other CPU while this process reads the indexes; it then gets a job or EOF
     daemon = _Daemon.start(opts, fuse_at, overlay)
     cache = ""
+    artifact = ""
     try:
-        tree, layers, descs, built = index_image(opts.image, opts.platform,
-                                                 build=opts.build_index)
+        if isinstance(opts.image, RemoteImage):
+            cache = opts.cache_dir or tempfile.mkdtemp(prefix="lamina-lazy-", dir="/var/tmp")
+            os.makedirs(cache, exist_ok=True)
+            got = resolve(opts.image, opts.platform, cache)
+            tree, layers, descs, built = got.tree, got.layers, got.descs, 0
+            artifact = got.artifact
+        else:
+            tree, layers, descs, built = index_image(opts.image, opts.platform,
+                                                     build=opts.build_index)
+            cache = opts.cache_dir or tempfile.mkdtemp(prefix="lamina-lazy-", dir="/var/tmp")
         t1 = time.monotonic()
         if opts.writable:
             for d in ("lower", "upper", "work"):
                 os.makedirs(os.path.join(opts.writable, d), exist_ok=True)
-        cache = opts.cache_dir or tempfile.mkdtemp(prefix="lamina-lazy-", dir="/var/tmp")
         daemon.send({"tree": tree.path, "manifest": tree.manifest, "descs": descs,
                      "cache": cache, "own_cache": opts.cache_dir is None,
                      "layers": [[li.blob, li.diff_id, li.compression, li.blob_path,
@@ -207,7 +223,8 @@ def mount(opts: LazyMountOptions) -> MountResult:
         _stop(pid, fuse_at)
         raise
     return MountResult(target, pid, len(layers), tree.count, built,
-                       t1 - t0, time.monotonic() - t0, fuse_at if overlay else "", cache)
+                       t1 - t0, time.monotonic() - t0, fuse_at if overlay else "", cache,
+                       tree.manifest, artifact)
 
 
 class _Daemon:
@@ -285,6 +302,10 @@ def _daemon_main(opts: LazyMountOptions, fuse_at: str, overlay: str, job_r: int,
         import trio  # noqa: F401
 
         import lamina.lazy.fuse  # noqa: F401
+        remote: RemoteBlobs | None = None
+        if isinstance(opts.image, RemoteImage):
+            # httpx and the client now, while the parent fetches the index
+            remote = RemoteBlobs(opts.image)
         data = b""
         while chunk := os.read(job_r, 1 << 16):
             data += chunk
@@ -297,7 +318,7 @@ def _daemon_main(opts: LazyMountOptions, fuse_at: str, overlay: str, job_r: int,
         if tree is None:
             raise EnvironmentError_(f"the stored tree {job['tree']} changed while mounting")
         layers = [LayerIndex(b, d, c, [], p, g) for b, d, c, p, g in job["layers"]]
-        fetcher = Fetcher(layers, job["descs"], job["cache"], opts.plugins)
+        fetcher = Fetcher(layers, job["descs"], job["cache"], opts.plugins, remote)
         _serve(tree, fetcher, fuse_at, overlay, ready)
     except BaseException as e:
         msg = e.message if isinstance(e, LaminaError) else f"{type(e).__name__}: {e}"
