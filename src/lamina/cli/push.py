@@ -28,6 +28,11 @@ def register(sub: Any) -> None:
     p.add_argument("--chunk-size", type=int, metavar="MIB",
                    help="upload blobs larger than this in PATCH chunks of this many MiB "
                         "(default: one streamed PUT per blob)")
+    p.add_argument("--lazy-index", action="store_true",
+                   help="also publish the image's lazy index (built if missing: reads every "
+                        "layer once) as an artifact referring to the image, for 'lamina "
+                        "mount docker://REF DIR'; on registries without the referrers API "
+                        "this adds the tag sha256-<manifest hex>")
     add_registry_args(p)
     p.set_defaults(run=run)
 
@@ -53,10 +58,20 @@ def run(args: argparse.Namespace, ui: UI) -> int:
         registry=registry_options(args),
     )
     res = push(opts, ui.transfer("pushing"))
+    lazy = None
+    if args.lazy_index:
+        from lamina.lazy.artifact import PublishOptions, publish
+        lazy = publish(PublishOptions(opts.image, ref, registry=opts.registry))
     if args.json:
-        ui.emit_json(res.to_json())
+        out = res.to_json()
+        if lazy is not None:
+            out["lazy_index"] = lazy.to_json()
+        ui.emit_json(out)
     else:
         ui.info(f"pushed {opts.image} -> {res.ref} ({res.digest[:19]}): {res.uploaded} blobs "
                 f"uploaded ({res.bytes_uploaded / 1e6:.1f} MB), {res.mounted} mounted, "
                 f"{res.skipped} already there, in {res.seconds:.2f}s")
+        for a in lazy.artifacts if lazy is not None else []:
+            ui.info(f"lazy index of {a.subject[:19]}: {a.digest} ({a.index_bytes / 1e6:.2f} "
+                    f"MB; referrers: {a.referrers})")
     return 0

@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from lamina.registry.client import RegistryOptions
 
 
-def add_registry_args(p: argparse.ArgumentParser) -> None:
+def add_registry_args(p: argparse.ArgumentParser, *, transfers: bool = True) -> None:
+    """The connection options; with *transfers* also --jobs, --quiet and --json (commands
+    that have their own --quiet/--json and move no whole blobs pass False)."""
     g = p.add_argument_group("registry connection")
     g.add_argument("--insecure", action="store_true",
                    help="plain http instead of https (loopback registries only)")
@@ -28,6 +30,9 @@ def add_registry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up on a request that makes no progress for this long "
                         "(default: 60)")
+    if not transfers:
+        p.set_defaults(jobs=4)
+        return
     p.add_argument("-j", "--jobs", type=int, default=4, metavar="N",
                    help="blobs transferred at the same time (default: 4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
