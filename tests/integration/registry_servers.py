@@ -184,6 +184,7 @@ class TokenServer:
         self.cert_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self.users = users
         self.requests: list[dict[str, Any]] = []
+        self.lifetime = 300     # seconds; the registry allows 60 more (clock skew leeway)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -236,7 +237,8 @@ class TokenServer:
         header = {"typ": "JWT", "alg": "RS256",
                   "x5c": [base64.b64encode(self.cert.public_bytes(
                       serialization.Encoding.DER)).decode()]}
-        claims = {"iss": self.issuer, "sub": user, "aud": self.service, "exp": now + 300,
+        claims = {"iss": self.issuer, "sub": user, "aud": self.service,
+                  "exp": now + self.lifetime,
                   "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex, "access": access}
         signing = (_b64url(json.dumps(header).encode()) + "." +
                    _b64url(json.dumps(claims).encode()))
@@ -271,6 +273,8 @@ class FaultProxy:
         self.upstream = upstream
         self.rule: FaultRule = lambda method, path: None
         self.hits: list[tuple[str, str, str]] = []   # (method, path, what was done)
+        # every request forwarded whole: (method, path, Range header, body bytes sent)
+        self.served: list[tuple[str, str, str, int]] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -347,6 +351,7 @@ class FaultProxy:
                         time.sleep(fault.throttle)
                 if fault is not None and fault.corrupt:
                     proxy.hits.append((method, self.path, "corrupted"))
+                proxy.served.append((method, self.path, self.headers.get("Range", ""), sent))
                 conn.close()
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
