@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopfs import loop_fs, shared_extents
 
 from conftest import LAMINA, need_tool, run_lamina
 from lamina.drivers.manage import bundle_driver
+from lamina.store import Store
 from lamina.testing.images import build_image
 from lamina.testing.layers import TarBuilder
 from lamina.testing.tree import diff_manifests, tree_manifest
@@ -229,6 +233,51 @@ def test_repack_reads_upper(require_root: None, mode: str, layout: str, tmp_path
     assert p.returncode == 0, p.stderr
     uman = tree_manifest(os.path.join(ub, "rootfs"))
     assert diff_manifests(edited, uman, names=("edited", "umoci"), ignore_root=True) == []
+
+
+@pytest.mark.parametrize("fs", ["tmp", "xfs"])
+def test_repack_into_store_streams_the_changes(require_root: None, fs: str, layout: str,
+                                               tmp_path: Path, bundles: list[str]) -> None:
+    """``repack --image store:...`` sends the upper dir's changes as a splitdirfdstream
+    naming the changed files: the store gets the very layer a layout repack writes
+    (same diff_id), its image unpacks to the edited tree, and on a reflink
+    filesystem the new objects share the bundle's extents (no data written)."""
+    with contextlib.ExitStack() as stack:
+        base = tmp_path if fs == "tmp" else stack.enter_context(loop_fs(fs, tmp_path))
+        store, b = str(base / "store"), str(base / "b")
+        bundles.append(b)
+        _unpack(store, f"{layout}:two", b)
+        rootfs = os.path.join(b, "rootfs")
+        _edit(rootfs)
+        big = os.urandom(1 << 20)
+        Path(rootfs, "big").write_bytes(big)
+        edited = tree_manifest(rootfs)
+        env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000")
+        r = run_lamina(["repack", "--image", f"store:{store}:edited:v1", "--json", b], env=env)
+        assert r.returncode == 0, r.stderr
+        into_store = json.loads(r.stdout)
+        r = run_lamina(["repack", "--image", f"{layout}:edited", "--json", b], env=env)
+        assert r.returncode == 0, r.stderr
+        into_layout = json.loads(r.stdout)
+        assert into_store["diff_id"] == into_layout["diff_id"]
+        assert into_store["added"] == into_layout["added"] > 0
+        assert into_store["whiteouts"] == into_layout["whiteouts"] >= 2
+
+        cp = str(tmp_path / "check")
+        r = run_lamina(["unpack", "--driver", "copy", "--store", store, "--image",
+                        "edited:v1", cp])
+        assert r.returncode == 0, r.stderr
+        got = tree_manifest(os.path.join(cp, "rootfs"))
+        assert diff_manifests(edited, got, names=("edited", "store repack")) == []
+        with Store.open(store, create=False) as st:
+            assert len(st.image("edited:v1").layers) == 3
+            obj = st.object_path("sha256:" + hashlib.sha256(big).hexdigest())
+            if fs != "tmp":
+                assert shared_extents(Path(obj))    # cloned from the upper dir's file
+        r = run_lamina(["fsck", "--store", store, "--json"])
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stdout
+        r = run_lamina(["umount", b])     # before its filesystem goes
+        assert r.returncode == 0, r.stderr
 
 
 def test_repack_refresh_then_repack_again(require_root: None, layout: str, tmp_path: Path,

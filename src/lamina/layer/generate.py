@@ -24,6 +24,7 @@ from lamina.layer.tarwrite import END_OF_ARCHIVE, Header, header_bytes, padding
 from lamina.oci import mediatypes as mt
 from lamina.oci.layout import OCILayout
 from lamina.oci.model import Descriptor
+from lamina.stream.splitdirfdstream import StreamWriter
 
 
 @dataclass
@@ -115,6 +116,26 @@ def write_layer(layout: OCILayout, rootfs: str, changes: list[Change], *,
             comp.close()  # flushes the last block/frame into the sink
         desc = blob.commit(mt.COMPRESSION_LAYER_TYPE[compression])
     return GeneratedLayer(desc, "sha256:" + diff.hexdigest(), len(changes), tar_size, hashes)
+
+
+def write_stream(changes: list[Change], out: StreamWriter, *,
+                 source_date_epoch: int | None = None) -> None:
+    """The layer :func:`write_layer` would write, as a splitdirfdstream: headers
+    and padding as metadata, each file's content a reference to its path beneath
+    dirfd 0 (the directory holding the changes: the rootfs, or a driver's upper
+    dir).  The consumer reads, hashes and clones the files itself, so a bundle
+    on a reflink filesystem becomes a stored layer without its data being
+    copied."""
+    clamp = source_date_epoch * 1_000_000_000 if source_date_epoch is not None else None
+    for c in changes:
+        h = header_for(c, clamp)
+        out.metadata(header_bytes(h))
+        if c.kind == "file":
+            if h.size:
+                out.file_ref(h.size, 0, c.path)
+            out.metadata(padding(h.size))
+    out.metadata(END_OF_ARCHIVE)
+    out.flush()
 
 
 def _emit_file(path: str, size: int, emit: Callable[[bytes], None],
