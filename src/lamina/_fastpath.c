@@ -25,7 +25,10 @@
 #include <openssl/evp.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <limits.h>
 #include <unistd.h>
 
@@ -613,9 +616,669 @@ fail:
     return NULL;
 }
 
+/* ---- replaying a recorded tree (lamina.drivers.materialize) ---------------------
+ *
+ * A tree record is the final state of a chain's rootfs, taken from the disk after
+ * RootfsWriter built it: every path (real, symlink-free), its type and metadata,
+ * and where a file's content comes from (a store object, a link farm inode, or
+ * nothing).  Replaying it is per-entry syscalls only: no tar, no whiteouts, no
+ * path resolution beyond opening a parent directory (RESOLVE_BENEATH and no
+ * symlinks, so a damaged record cannot write outside the rootfs).  Directories
+ * first, in order (parents before children), then the other entries on two
+ * threads, then hardlinks.  Directory modes and mtimes go to dir_meta for the
+ * writer's finish(), as for any layer.
+ */
+
+#ifndef FICLONE
+#define FICLONE 0x40049409
+#endif
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+
+struct lam_open_how {
+    unsigned long long flags, mode, resolve;
+};
+
+#define LAM_RESOLVE_NO_MAGICLINKS 0x02
+#define LAM_RESOLVE_NO_SYMLINKS 0x04
+#define LAM_RESOLVE_BENEATH 0x08
+
+typedef struct {
+    char kind;               /* d f h l c b p */
+    int farm;                /* 'f' linked from farm_fds[farm], else -1 */
+    unsigned int mode;
+    long long uid, gid, mtime_ns, size;
+    unsigned long long rdev;
+    const char *path;        /* "" is the root */
+    Py_ssize_t plen, parent_len;   /* parent: path[:parent_len] ("" = the root) */
+    const char *src;         /* object / farm name, symlink target, hardlink target path */
+    char name[72];           /* 'f': "ab/cdef..." (object) or "abcdef..." (farm inode) */
+    Py_ssize_t nx;
+    const char **xname;
+    const char **xval;
+    Py_ssize_t *xlen;
+    int *xerr;               /* per xattr: the errno of a refused set (reported), or 0 */
+    int placed;              /* 'f': 1 cloned, 2 copied, 3 linked */
+    int err;                 /* errno of the failure that stopped the replay */
+} rentry;
+
+typedef struct {
+    int root_fd, objects_fd, nfarms;
+    const int *farm_fds;
+    int copy_only, rootless;
+    long long euid, egid;
+    unsigned int umask;
+    volatile int no_clone;   /* FICLONE refused once: copy from then on */
+    volatile int stop;       /* a thread failed: the others stop too */
+} rctx;
+
+/* The directory path[:len] beneath root, never through a symlink. */
+static int open_beneath(int root, const char *path, Py_ssize_t len) {
+    char buf[PATH_MAX];
+    if (len <= 0)
+        return fcntl(root, F_DUPFD_CLOEXEC, 0);
+    if (len >= PATH_MAX) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, path, (size_t)len);
+    buf[len] = '\0';
+    struct lam_open_how how = {O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW, 0,
+                               LAM_RESOLVE_BENEATH | LAM_RESOLVE_NO_SYMLINKS |
+                               LAM_RESOLVE_NO_MAGICLINKS};
+    int fd = (int)syscall(SYS_openat2, root, buf, &how, sizeof how);
+    if (fd >= 0 || (errno != ENOSYS && errno != EPERM))
+        return fd;
+    /* no openat2 (or a seccomp filter refusing it): one O_NOFOLLOW open per component */
+    fd = fcntl(root, F_DUPFD_CLOEXEC, 0);
+    char *c = buf;
+    while (fd >= 0 && *c) {
+        char *slash = strchr(c, '/');
+        if (slash)
+            *slash = '\0';
+        int next = openat(fd, c, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+        int e = errno;
+        close(fd);
+        errno = e;
+        fd = next;
+        c = slash ? slash + 1 : c + strlen(c);
+    }
+    return fd;
+}
+
+static const char *base_of(const rentry *e) {
+    return e->parent_len ? e->path + e->parent_len + 1 : e->path;
+}
+
+static int owner_differs_r(const rentry *e, const rctx *c) {
+    return !c->rootless && (e->uid != c->euid || e->gid != c->egid);
+}
+
+static void times_of(long long ns, struct timespec ts[2]) {
+    long long s = ns / 1000000000LL, r = ns % 1000000000LL;
+    if (r < 0) {
+        s -= 1;
+        r += 1000000000LL;
+    }
+    ts[0].tv_sec = ts[1].tv_sec = (time_t)s;
+    ts[0].tv_nsec = ts[1].tv_nsec = (long)r;
+}
+
+/* xattrs through an fd (fd >= 0) or the /proc path of pfd/base; refusals the
+ * Python writer only warns about are noted in xerr, other errors fail. */
+static int set_xattrs_r(rentry *e, int fd, int pfd, const char *base) {
+    char proc[PATH_MAX];
+    if (fd < 0 && snprintf(proc, sizeof proc, "/proc/self/fd/%d/%s", pfd, base) >= (int)sizeof proc) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < e->nx; i++) {
+        int rc = fd >= 0 ? fsetxattr(fd, e->xname[i], e->xval[i], (size_t)e->xlen[i], 0)
+                         : lsetxattr(proc, e->xname[i], e->xval[i], (size_t)e->xlen[i], 0);
+        if (rc < 0) {
+            if (errno == EPERM || errno == EOPNOTSUPP || errno == EACCES || errno == EINVAL) {
+                e->xerr[i] = errno;
+                continue;
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Fill dst with the object's content: FICLONE, else copy_file_range, else read/write. */
+static int fill_from(int src, int dst, long long size, rctx *c, int *cloned) {
+    *cloned = 0;
+    if (!c->copy_only && !c->no_clone) {
+        if (ioctl(dst, FICLONE, src) == 0) {
+            *cloned = 1;
+            return 0;
+        }
+        if (errno != EOPNOTSUPP && errno != ENOTTY && errno != EXDEV && errno != EINVAL &&
+            errno != ENOSYS && errno != EPERM && errno != EBADF && errno != ETXTBSY)
+            return -1;
+        c->no_clone = 1;
+    }
+    off_t off = 0;
+    while (off < size) {
+        off_t in = off, out = off;
+        ssize_t n = copy_file_range(src, &in, dst, &out, (size_t)(size - off), 0);
+        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                      errno == EOPNOTSUPP)) {
+            char buf[1 << 16];
+            n = pread(src, buf, sizeof buf < (size_t)(size - off) ? sizeof buf
+                                                                  : (size_t)(size - off), off);
+            if (n > 0 && pwrite(dst, buf, (size_t)n, off) != n)
+                return -1;
+        }
+        if (n < 0)
+            return -1;
+        if (n == 0) {
+            errno = EIO;   /* the object shrank: the store is damaged */
+            return -1;
+        }
+        off += n;
+    }
+    return 0;
+}
+
+static int replay_dir(rentry *e, int pfd, rctx *c) {
+    const char *base = base_of(e);
+    if (e->plen == 0) {   /* the root: it exists; owner and xattrs as _apply_root sets them */
+        if (owner_differs_r(e, c) && fchown(c->root_fd, (uid_t)e->uid, (gid_t)e->gid) < 0)
+            return -1;
+        return set_xattrs_r(e, c->root_fd, -1, NULL);
+    }
+    if (mkdirat(pfd, base, 0700) < 0)
+        return -1;
+    if (owner_differs_r(e, c) &&
+        fchownat(pfd, base, (uid_t)e->uid, (gid_t)e->gid, AT_SYMLINK_NOFOLLOW) < 0)
+        return -1;
+    if (e->nx) {
+        int fd = openat(pfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        int rc = set_xattrs_r(e, fd, -1, NULL);
+        close(fd);
+        return rc;
+    }
+    return 0;
+}
+
+/* One non-directory, as RootfsWriter._write_file / _meta_path make it. */
+static int replay_other(rentry *e, int pfd, rctx *c) {
+    const char *base = base_of(e);
+    struct timespec ts[2];
+    times_of(e->mtime_ns, ts);
+    if (e->kind == 'f' && e->farm >= 0) {
+        if (linkat(c->farm_fds[e->farm], e->src, pfd, base, 0) < 0)
+            return -1;
+        e->placed = 3;
+        return 0;
+    }
+    if (e->kind == 'f') {
+        int src = -1, cloned = 0;
+        if (e->src != NULL) {
+            struct stat st;
+            src = openat(c->objects_fd, e->src, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+            if (src < 0)
+                return -1;
+            if (fstat(src, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size != e->size) {
+                close(src);
+                errno = EIO;
+                return -1;
+            }
+        }
+        unsigned int cmode = (e->mode & 0777) | (c->rootless ? 0600 : 0);
+        int fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cmode);
+        if (fd < 0) {
+            if (src >= 0)
+                close(src);
+            return -1;
+        }
+        int chowned = 0, rc = -1;
+        if (src >= 0 && fill_from(src, fd, e->size, c, &cloned) < 0)
+            goto out;
+        if (owner_differs_r(e, c)) {
+            if (fchown(fd, (uid_t)e->uid, (gid_t)e->gid) < 0)
+                goto out;
+            chowned = 1;
+        }
+        if (e->nx && set_xattrs_r(e, fd, -1, NULL) < 0)
+            goto out;
+        if ((chowned || c->rootless || (e->mode & (07000 | c->umask))) && fchmod(fd, e->mode) < 0)
+            goto out;
+        if (futimens(fd, ts) < 0)
+            goto out;
+        rc = 0;
+        if (src >= 0)
+            e->placed = cloned ? 1 : 2;
+    out:
+        if (src >= 0)
+            close(src);
+        if (close(fd) < 0 && rc == 0)
+            rc = -1;
+        return rc;
+    }
+    if (e->kind == 'l') {
+        if (symlinkat(e->src, pfd, base) < 0)
+            return -1;
+    } else if (e->kind == 'p') {
+        if (mkfifoat(pfd, base, 0600) < 0)
+            return -1;
+    } else {
+        if (mknodat(pfd, base, (e->kind == 'c' ? S_IFCHR : S_IFBLK) | 0600, (dev_t)e->rdev) < 0)
+            return -1;
+    }
+    if (owner_differs_r(e, c) &&
+        fchownat(pfd, base, (uid_t)e->uid, (gid_t)e->gid, AT_SYMLINK_NOFOLLOW) < 0)
+        return -1;
+    if (e->nx && set_xattrs_r(e, -1, pfd, base) < 0)
+        return -1;
+    if (e->kind != 'l' && fchmodat(pfd, base, e->mode, 0) < 0)
+        return -1;
+    return utimensat(pfd, base, ts, AT_SYMLINK_NOFOLLOW);
+}
+
+typedef struct {
+    rentry **es;
+    Py_ssize_t n;
+    rctx *c;
+    Py_ssize_t failed;       /* index into es of the entry that failed, or -1 */
+} rjob;
+
+/* Entries in order, each parent directory opened once per run of siblings. */
+static void *replay_run(void *arg) {
+    rjob *j = arg;
+    int pfd = -1;
+    const rentry *last = NULL;
+    j->failed = -1;
+    for (Py_ssize_t i = 0; i < j->n && !j->c->stop; i++) {
+        rentry *e = j->es[i];
+        if (last == NULL || last->parent_len != e->parent_len ||
+            memcmp(last->path, e->path, (size_t)e->parent_len) != 0) {
+            if (pfd >= 0)
+                close(pfd);
+            pfd = open_beneath(j->c->root_fd, e->path, e->parent_len);
+            last = e;
+        }
+        int rc = pfd < 0 ? -1 : e->kind == 'd' ? replay_dir(e, pfd, j->c)
+                                               : replay_other(e, pfd, j->c);
+        if (rc < 0) {
+            e->err = errno ? errno : EIO;
+            j->failed = i;
+            j->c->stop = 1;
+            break;
+        }
+    }
+    if (pfd >= 0)
+        close(pfd);
+    return NULL;
+}
+
+static int replay_links(rentry **es, Py_ssize_t n, rctx *c, Py_ssize_t *failed) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        rentry *e = es[i];
+        const char *t = e->src;
+        const char *ts = strrchr(t, '/');
+        Py_ssize_t tpl = ts ? ts - t : 0;
+        int tfd = open_beneath(c->root_fd, t, tpl);
+        int pfd = tfd < 0 ? -1 : open_beneath(c->root_fd, e->path, e->parent_len);
+        int rc = pfd < 0 ? -1 : linkat(tfd, ts ? ts + 1 : t, pfd, base_of(e), 0);
+        int err = errno;
+        if (tfd >= 0)
+            close(tfd);
+        if (pfd >= 0)
+            close(pfd);
+        if (rc < 0) {
+            e->err = err ? err : EIO;
+            *failed = i;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A record path: relative, no empty, "." or ".." component ("" is the root). */
+static int clean_path(const char *p, Py_ssize_t n) {
+    if (n == 0)
+        return 1;
+    if (p[0] == '/' || p[n - 1] == '/' || (Py_ssize_t)strlen(p) != n)
+        return 0;
+    const char *c = p;
+    while (1) {
+        const char *s = strchr(c, '/');
+        size_t l = s ? (size_t)(s - c) : strlen(c);
+        if (l == 0 || (l == 1 && c[0] == '.') || (l == 2 && c[0] == '.' && c[1] == '.'))
+            return 0;
+        if (!s)
+            return 1;
+        c = s + 1;
+    }
+}
+
+/* 32 bytes as 64 hex digits, with a '/' after the first two when slash is set */
+static void hex_name(char *out, const unsigned char *d, int slash) {
+    static const char hx[] = "0123456789abcdef";
+    char *o = out;
+    for (int i = 0; i < 32; i++) {
+        *o++ = hx[d[i] >> 4];
+        *o++ = hx[d[i] & 15];
+        if (i == 0 && slash)
+            *o++ = '/';   /* objects/ab/cdef...: the first byte names the directory */
+    }
+    *o = '\0';
+}
+
+static const char *bytes_or_none(PyObject *o, int *bad) {
+    if (o == Py_None)
+        return NULL;
+    if (!PyBytes_Check(o) || (Py_ssize_t)strlen(PyBytes_AS_STRING(o)) != PyBytes_GET_SIZE(o)) {
+        *bad = 1;
+        return NULL;
+    }
+    return PyBytes_AS_STRING(o);
+}
+
+/* Fill e from a record tuple (kind, path, mode, uid, gid, mtime_ns, xattrs, src, size,
+ * digest); keep[0..1] get the encoded path and src (new references, or NULL).
+ * Returns 0, or -1 with an exception set. */
+static int parse_rentry(PyObject *t, rentry *e, PyObject **keep, int nfarms) {
+    memset(e, 0, sizeof *e);
+    e->farm = -1;
+    int bad = 0;
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 10)
+        goto bad;
+    PyObject *k = PyTuple_GET_ITEM(t, 0), *p = PyTuple_GET_ITEM(t, 1);
+    PyObject *xs = PyTuple_GET_ITEM(t, 6), *src = PyTuple_GET_ITEM(t, 7);
+    if (!PyUnicode_Check(k) || PyUnicode_GET_LENGTH(k) != 1 || !PyUnicode_Check(p) ||
+        !PyTuple_Check(xs))
+        goto bad;
+    Py_UCS4 kc = PyUnicode_READ_CHAR(k, 0);
+    if (kc == 0 || kc > 127 || !strchr("dfhlcbp", (int)kc))
+        goto bad;
+    e->kind = (char)kc;
+    keep[0] = PyUnicode_EncodeFSDefault(p);
+    if (keep[0] == NULL)
+        return -1;
+    e->path = PyBytes_AS_STRING(keep[0]);
+    e->plen = PyBytes_GET_SIZE(keep[0]);
+    if (!clean_path(e->path, e->plen) || (e->plen == 0 && e->kind != 'd'))
+        goto bad;
+    const char *slash = strrchr(e->path, '/');
+    e->parent_len = slash ? slash - e->path : 0;
+    long long mode = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+    e->uid = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 3));
+    e->gid = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
+    e->mtime_ns = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 5));
+    e->size = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 8));
+    if (PyErr_Occurred())
+        return -1;
+    if (mode < 0 || mode > 07777 || e->uid < 0 || e->uid > 0xfffffffeLL || e->gid < 0 ||
+        e->gid > 0xfffffffeLL || e->size < 0)
+        goto bad;
+    e->mode = (unsigned int)mode;
+    e->nx = PyTuple_GET_SIZE(xs);
+    if (e->nx) {
+        e->xname = PyMem_Calloc((size_t)e->nx, sizeof(char *));
+        e->xval = PyMem_Calloc((size_t)e->nx, sizeof(char *));
+        e->xlen = PyMem_Calloc((size_t)e->nx, sizeof(Py_ssize_t));
+        e->xerr = PyMem_Calloc((size_t)e->nx, sizeof(int));
+        if (!e->xname || !e->xval || !e->xlen || !e->xerr) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < e->nx; i++) {
+            PyObject *x = PyTuple_GET_ITEM(xs, i);
+            if (!PyTuple_Check(x) || PyTuple_GET_SIZE(x) != 2 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(x, 1)))
+                goto bad;
+            e->xname[i] = bytes_or_none(PyTuple_GET_ITEM(x, 0), &bad);
+            if (bad || e->xname[i] == NULL)
+                goto bad;
+            e->xval[i] = PyBytes_AS_STRING(PyTuple_GET_ITEM(x, 1));
+            e->xlen[i] = PyBytes_GET_SIZE(PyTuple_GET_ITEM(x, 1));
+        }
+    }
+    switch (e->kind) {
+    case 'f': {
+        /* content: (farm index, inode name as 32 raw bytes), or None: the object
+         * named by the digest (an empty file when size is 0) */
+        PyObject *dg = PyTuple_GET_ITEM(t, 9);
+        if (dg != Py_None && (!PyBytes_Check(dg) || PyBytes_GET_SIZE(dg) != 32))
+            goto bad;
+        if (PyTuple_Check(src)) {
+            PyObject *fn = PyTuple_GET_SIZE(src) == 2 ? PyTuple_GET_ITEM(src, 1) : NULL;
+            if (fn == NULL || !PyBytes_Check(fn) || PyBytes_GET_SIZE(fn) != 32)
+                goto bad;
+            long f = PyLong_AsLong(PyTuple_GET_ITEM(src, 0));
+            if (f == -1 && PyErr_Occurred())
+                return -1;
+            if (f < 0 || f >= nfarms)
+                goto bad;
+            e->farm = (int)f;
+            hex_name(e->name, (const unsigned char *)PyBytes_AS_STRING(fn), 0);
+            e->src = e->name;
+        } else if (src == Py_None) {
+            if (e->size > 0) {
+                if (dg == Py_None)
+                    goto bad;
+                hex_name(e->name, (const unsigned char *)PyBytes_AS_STRING(dg), 1);
+                e->src = e->name;
+            }
+        } else {
+            goto bad;
+        }
+        break;
+    }
+    case 'l':
+    case 'h':
+        if (!PyUnicode_Check(src))
+            goto bad;
+        keep[1] = PyUnicode_EncodeFSDefault(src);
+        if (keep[1] == NULL)
+            return -1;
+        e->src = PyBytes_AS_STRING(keep[1]);
+        if ((Py_ssize_t)strlen(e->src) != PyBytes_GET_SIZE(keep[1]) || *e->src == '\0' ||
+            (e->kind == 'h' && !clean_path(e->src, PyBytes_GET_SIZE(keep[1]))))
+            goto bad;
+        break;
+    case 'c':
+    case 'b':
+        e->rdev = PyLong_AsUnsignedLongLong(src);
+        if (PyErr_Occurred())
+            return -1;
+        break;
+    default:
+        if (src != Py_None)
+            goto bad;
+    }
+    return 0;
+bad:
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "malformed tree record entry");
+    return -1;
+}
+
+static void free_rentries(rentry *es, PyObject **keep, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyMem_Free(es[i].xname);
+        PyMem_Free(es[i].xval);
+        PyMem_Free(es[i].xlen);
+        PyMem_Free(es[i].xerr);
+        Py_XDECREF(keep[2 * i]);
+        Py_XDECREF(keep[2 * i + 1]);
+    }
+    PyMem_Free(es);
+    PyMem_Free(keep);
+}
+
+PyDoc_STRVAR(replay_tree_doc,
+"replay_tree(root_fd, objects_fd, farm_fds, entries, copy_only, rootless, euid, egid,\n"
+"            umask, hashes, dir_meta) -> (cloned, copied, linked, refused)\n\n"
+"Create the recorded entries beneath the (empty) directory root_fd.  entries are\n"
+"tuples (kind, path, mode, uid, gid, mtime_ns, xattrs, src, size, digest): kind one\n"
+"of d f h l c b p; xattrs a tuple of (name bytes, value bytes); src an object name\n"
+"(bytes, below objects_fd), (farm index, name) for a hardlink to farm_fds[index],\n"
+"None for an empty file or a directory, the target (str) of a symlink or of a\n"
+"hardlink 'h' (a path made earlier in the list), the device number of c/b.\n"
+"Directories must come before what they contain.  Files get their digest (when not\n"
+"None) in hashes, directories (mode, mtime_ns) in dir_meta.  refused lists the\n"
+"xattrs the filesystem refused: (path, name, errno).  Raises OSError for the first\n"
+"entry that failed (the rootfs is then half made: the caller removes it).");
+
+static PyObject *replay_tree(PyObject *self, PyObject *args) {
+    rctx c;
+    PyObject *farms, *entries, *hashes, *dir_meta;
+    memset(&c, 0, sizeof c);
+    if (!PyArg_ParseTuple(args, "iiO!O!ppLLIO!O!", &c.root_fd, &c.objects_fd, &PyList_Type,
+                          &farms, &PyList_Type, &entries, &c.copy_only, &c.rootless, &c.euid,
+                          &c.egid, &c.umask, &PyDict_Type, &hashes, &PyDict_Type, &dir_meta))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(entries), nf = PyList_GET_SIZE(farms);
+    if (nf > 65536) {
+        PyErr_SetString(PyExc_ValueError, "too many farms");
+        return NULL;
+    }
+    int *farm_fds = PyMem_Calloc((size_t)nf + 1, sizeof(int));
+    rentry *es = PyMem_Calloc((size_t)n + 1, sizeof(rentry));
+    PyObject **keep = PyMem_Calloc(2 * (size_t)n + 1, sizeof(PyObject *));
+    rentry **order = PyMem_Calloc((size_t)n + 1, sizeof(rentry *));
+    PyObject *result = NULL, *refused = NULL;
+    Py_ssize_t parsed = 0;
+    Py_INCREF(entries);   /* the borrowed buffers live as long as the list's tuples */
+    if (!farm_fds || !es || !keep || !order) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    c.farm_fds = farm_fds;
+    c.nfarms = (int)nf;
+    for (Py_ssize_t i = 0; i < nf; i++) {
+        long fd = PyLong_AsLong(PyList_GET_ITEM(farms, i));
+        if (fd == -1 && PyErr_Occurred())
+            goto out;
+        farm_fds[i] = (int)fd;
+    }
+    for (; parsed < n; parsed++)
+        if (parse_rentry(PyList_GET_ITEM(entries, parsed), &es[parsed], &keep[2 * parsed],
+                         (int)nf) < 0) {
+            parsed++;
+            goto out;
+        }
+    /* directories in record order, then the rest (two halves), then hardlinks */
+    Py_ssize_t nd = 0, no = 0, nh = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (es[i].kind == 'd')
+            order[nd++] = &es[i];
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (es[i].kind != 'd' && es[i].kind != 'h')
+            order[nd + no++] = &es[i];
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (es[i].kind == 'h')
+            order[nd + no + nh++] = &es[i];
+    rentry *failed = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rjob d = {order, nd, &c, -1};
+    replay_run(&d);
+    if (d.failed >= 0) {
+        failed = order[d.failed];
+    } else {
+        rjob a = {order + nd, no, &c, -1}, b = {order + nd, 0, &c, -1};
+        pthread_t t;
+        int threaded = 0;
+        if (no >= PARALLEL_MIN) {
+            Py_ssize_t half = no / 2;
+            /* split at a change of parent: each directory opened by one thread */
+            while (half < no && half > 0 && order[nd + half]->parent_len == order[nd + half - 1]->parent_len &&
+                   memcmp(order[nd + half]->path, order[nd + half - 1]->path,
+                          (size_t)order[nd + half]->parent_len) == 0 && half < no / 2 + 256)
+                half++;
+            a.n = half;
+            b.es = order + nd + half;
+            b.n = no - half;
+            threaded = pthread_create(&t, NULL, replay_run, &b) == 0;
+            if (!threaded) {
+                a.n = no;
+                b.n = 0;
+            }
+        }
+        replay_run(&a);
+        if (threaded)
+            pthread_join(t, NULL);
+        if (a.failed >= 0)
+            failed = a.es[a.failed];
+        else if (b.failed >= 0)
+            failed = b.es[b.failed];
+        else {
+            Py_ssize_t hf = -1;
+            if (replay_links(order + nd + no, nh, &c, &hf) < 0)
+                failed = order[nd + no + hf];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed != NULL) {
+        PyObject *path = PyUnicode_DecodeFSDefault(failed->path);
+        if (path != NULL) {
+            errno = failed->err;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+            Py_DECREF(path);
+        }
+        goto out;
+    }
+    long long cloned = 0, copied = 0, linked = 0;
+    refused = PyList_New(0);
+    if (refused == NULL)
+        goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        rentry *e = &es[i];
+        PyObject *t = PyList_GET_ITEM(entries, i);
+        PyObject *path = PyTuple_GET_ITEM(t, 1), *digest = PyTuple_GET_ITEM(t, 9);
+        cloned += e->placed == 1;
+        copied += e->placed == 2;
+        linked += e->placed == 3;
+        if (e->kind == 'd') {
+            PyObject *m = Py_BuildValue("(IL)", e->mode, e->mtime_ns);
+            if (m == NULL || PyDict_SetItem(dir_meta, path, m) < 0) {
+                Py_XDECREF(m);
+                goto out;
+            }
+            Py_DECREF(m);
+        } else if ((e->kind == 'f' || e->kind == 'h') && digest != Py_None &&
+                   PyDict_SetItem(hashes, path, digest) < 0) {
+            goto out;
+        }
+        for (Py_ssize_t x = 0; x < e->nx; x++) {
+            if (!e->xerr[x])
+                continue;
+            PyObject *r = Py_BuildValue("(Oy#i)", path, e->xname[x],
+                                        (Py_ssize_t)strlen(e->xname[x]), e->xerr[x]);
+            if (r == NULL || PyList_Append(refused, r) < 0) {
+                Py_XDECREF(r);
+                goto out;
+            }
+            Py_DECREF(r);
+        }
+    }
+    result = Py_BuildValue("LLLO", cloned, copied, linked, refused);
+out:
+    Py_XDECREF(refused);
+    if (es != NULL && keep != NULL)
+        free_rentries(es, keep, parsed);
+    else {
+        PyMem_Free(es);
+        PyMem_Free(keep);
+    }
+    PyMem_Free(order);
+    PyMem_Free(farm_fds);
+    Py_DECREF(entries);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"extract_files", extract_files, METH_VARARGS, extract_files_doc},
     {"snapshot_rows", snapshot_rows, METH_VARARGS, snapshot_rows_doc},
+    {"replay_tree", replay_tree, METH_VARARGS, replay_tree_doc},
     {NULL, NULL, 0, NULL},
 };
 

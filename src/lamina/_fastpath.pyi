@@ -3,3 +3,9 @@ def extract_files(buf: bytes, pos: int, dirs: dict[str, tuple[int, str]], stale:
                   dir_meta: dict[str, tuple[int, int]], rootless: bool, euid: int, egid: int,
                   umask: int, /) -> tuple[int, int, int, int, list[str], int]: ...
 def snapshot_rows(dir_fd: int, hashes: dict[str, bytes], /) -> list[tuple[object, ...]]: ...
+def replay_tree(root_fd: int, objects_fd: int, farm_fds: list[int], entries: list[tuple[
+                    str, str, int, int, int, int, tuple[tuple[bytes, bytes], ...], object, int,
+                    bytes | None]],
+                copy_only: bool, rootless: bool, euid: int, egid: int, umask: int,
+                hashes: dict[str, bytes], dir_meta: dict[str, tuple[int, int]], /
+                ) -> tuple[int, int, int, list[tuple[str, bytes, int]]]: ...

@@ -27,6 +27,14 @@ How a file gets its content (:data:`Placement`):
     the layer (the farm is never modified after it is built).  Identical files
     (same content and metadata) of one layer become one inode, so ``link``
     rootfs have more hardlinks than the image's tar says.
+
+Tree records (:func:`record_tree`, :meth:`StoreRootfsWriter.replay`): once a
+chain's rootfs is built, the final tree (every real path with its type,
+metadata, xattrs and content source) is what any later rootfs of that chain
+will be, whatever the layers' whiteouts, overwrites and symlinked parents
+were.  Replaying it is per-entry syscalls in C (``_fastpath.replay_tree``): no
+tar-split is read, nothing is resolved.  A record is taken from the disk after
+the writer built the tree, so it holds exactly what the writer made.
 """
 
 from __future__ import annotations
@@ -34,19 +42,29 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import marshal
 import os
 import stat
+import zlib
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import BinaryIO, Literal
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, Literal
 
 from lamina.errors import CorruptLayerError
-from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter, Warn
+from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter, Warn, fastpath_enabled
 from lamina.layer.tarstream import TarEntry, TarReader
 from lamina.stream.splitdirfdstream import FICLONE, FILE, INLINE, Chunk, open_ref, read_chunks
 
+try:  # compiled replay of tree records (setup.py builds it when a compiler is there)
+    from lamina import _fastpath
+except ImportError:  # pragma: no cover - depends on the build
+    _fastpath = None  # type: ignore[assignment]
+
 Placement = Literal["clone", "copy", "link"]
+# (kind, path, mode, uid, gid, mtime_ns, xattrs, src, size, sha256): see record_tree
+RecordEntry = tuple[str, str, int, int, int, int, tuple[tuple[bytes, bytes], ...], object, int,
+                    bytes | None]
 
 _HINT = "the store is damaged: run 'lamina fsck --repair' and import the image again"
 _NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
@@ -197,6 +215,8 @@ class StoreRootfsWriter(RootfsWriter):
         self._farm_key = repr((opts.rootless, opts.uid_map, opts.gid_map)).encode()
         self._farm_writer: StoreRootfsWriter | None = None
         self._farm_names: set[str] = set()
+        self.xattr_paths: set[str] = set()   # where xattrs were set: read back by records
+        self.recordable = True      # every file's content is a store object (or empty)
 
     def set_farm(self, farm: str | None) -> None:
         """The link farm the next layer's files are linked from (``link`` placement)."""
@@ -214,6 +234,35 @@ class StoreRootfsWriter(RootfsWriter):
     def close(self) -> None:
         self.set_farm(None)
         super().close()
+
+    def _setxattr(self, path: str, fd: int | None, name: str, value: bytes) -> None:
+        self.xattr_paths.add(path)
+        super()._setxattr(path, fd, name, value)
+
+    def _hardlink(self, e: TarEntry, pfd: int, name: str, real: str, final: bool) -> bool:
+        # the inode may carry xattrs set through its first path, which a later entry
+        # can replace: read this path's back too
+        self.xattr_paths.add(real)
+        return super()._hardlink(e, pfd, name, real, final)
+
+    def replay(self, entries: list[RecordEntry], farm_fds: list[int]) -> None:
+        """Create a recorded tree (see :func:`record_tree`) in the empty root, before
+        any layer is applied; fills :attr:`hashes` and :attr:`dir_meta` as applying
+        the chain's layers would have.  Raises OSError, leaving a half-made tree."""
+        assert _fastpath is not None
+        cloned, copied, linked, refused = _fastpath.replay_tree(
+            self.root_fd, self.objects_fd, farm_fds, entries, self.placement == "copy",
+            self.opts.rootless, self._euid, self._egid, self._umask, self.hashes,
+            self.dir_meta)
+        self.place.cloned += cloned
+        self.place.copied += copied
+        self.place.linked += linked
+        for path, bname, err in refused:
+            name = bname.decode("utf-8", "surrogateescape")
+            self.warn_once(f"xattr:{name.split('.')[0]}:{err}",
+                           f"cannot set xattr {name} on /{path}: {os.strerror(err)} "
+                           "(further such xattrs are skipped silently)")
+        self.xattr_paths.update(e[1] for e in entries if e[6] or e[0] == "h")
 
     # -- directories of lower layers ------------------------------------------------------
     def _resolve(self, comps: tuple[str, ...], create: bool,
@@ -290,6 +339,8 @@ class StoreRootfsWriter(RootfsWriter):
                     stats: LayerStats) -> None:
         chunk = reader.current if isinstance(reader, SplitTarReader) else None
         if chunk is None:
+            if e.size:
+                self.recordable = False     # content that is no object: not replayable
             super()._write_file(e, reader, fd, real, stats)
             return
         try:
@@ -342,3 +393,150 @@ def apply_split(writer: StoreRootfsWriter, split_path: str, stats: LayerStats) -
         reader = SplitTarReader(f)
         writer.apply(reader, stats)
         reader.drain()
+
+
+# -- tree records -----------------------------------------------------------------------
+
+RECORD_MAGIC = b"LMTREE1\n"
+RECORD_FORMAT = 1
+
+
+def records_enabled() -> bool:
+    """Replaying needs the compiled fast path (it is C only)."""
+    return fastpath_enabled() and hasattr(_fastpath, "replay_tree")
+
+
+def _xattrs_of(root_fd: int, path: str) -> tuple[tuple[bytes, bytes], ...]:
+    p = f"/proc/self/fd/{root_fd}/{path}" if path else f"/proc/self/fd/{root_fd}"
+    try:
+        names = os.listxattr(p, follow_symlinks=False)
+    except OSError:
+        return ()
+    out = []
+    for n in sorted(names):
+        if n.startswith("security.selinux"):
+            continue    # the host's policy labels new inodes itself
+        try:
+            v = os.getxattr(p, n, follow_symlinks=False)
+        except OSError:
+            continue
+        out.append((n.encode("utf-8", "surrogateescape"), v))
+    return tuple(out)
+
+
+def farm_inodes(farms: Sequence[str | None]) -> dict[int, tuple[int, bytes]]:
+    """inode -> (farm index, raw name) of every finished inode in *farms* (d_ino
+    of a listing: no stat per inode)."""
+    inos: dict[int, tuple[int, bytes]] = {}
+    for i, farm in enumerate(farms):
+        if farm is None:
+            continue
+        with os.scandir(farm) as it:
+            for de in it:
+                if not de.name.startswith("."):
+                    try:
+                        inos[de.inode()] = (i, bytes.fromhex(de.name))
+                    except ValueError:
+                        continue    # not an inode name (farm inodes are 64 hex digits)
+    return inos
+
+
+def record_tree(writer: StoreRootfsWriter, rows: Mapping[str, tuple[object, ...]],
+                farms: Sequence[str | None] = ()) -> list[RecordEntry] | None:
+    """The tree below *writer*'s root as replay entries, from its snapshot *rows*
+    (taken before :meth:`~RootfsWriter.finish`), or None when it cannot be replayed
+    (content that is no store object, a socket).
+
+    Directories get the mode and mtime finish() will give them.  A file's content
+    is the store object its sha256 names (src None), or ``(i, name)``: a hardlink
+    to the inode *name* (32 raw bytes of its hex name) of ``farms[i]``.  A second
+    path of an inode is an ``h`` entry naming the first.  Directories come first,
+    parents before children; then the rest grouped by directory (each is opened
+    once), then the hardlinks.
+    """
+    if not writer.recordable:
+        return None
+    root_fd = writer.root_fd
+    farm_ino = farm_inodes(farms) if farms else {}
+    xpaths = writer.xattr_paths
+    dirs: list[RecordEntry] = []
+    others: list[tuple[str, str, RecordEntry]] = []
+    links: list[RecordEntry] = []
+    first: dict[int, str] = {}
+    for path in sorted(rows):
+        r = rows[path]
+        t, st_mode, uid, gid, size, mtime, ino, extra = (
+            r[1], r[2], r[3], r[4], r[5], r[6], r[8], r[9])
+        assert isinstance(t, str) and isinstance(st_mode, int) and isinstance(uid, int)
+        assert isinstance(gid, int) and isinstance(size, int) and isinstance(mtime, int)
+        assert isinstance(ino, int)
+        xattrs = _xattrs_of(root_fd, path) if path in xpaths else ()
+        digest = extra if t == "f" and isinstance(extra, bytes) and len(extra) == 32 else None
+        if t == "d":
+            meta = writer.dir_meta.get(path)
+            if meta is None:
+                if not path:
+                    continue    # the root keeps what prepare made: no layer set it
+                return None
+            dirs.append(("d", path, meta[0], uid, gid, meta[1], xattrs, None, 0, None))
+            continue
+        if ino in first and ino not in farm_ino:
+            links.append(("h", path, 0, 0, 0, 0, (), first[ino], 0, digest))
+            continue
+        first[ino] = path
+        mode = stat.S_IMODE(st_mode)
+        src: object = None
+        if t == "f":
+            if ino in farm_ino:
+                src = farm_ino[ino]
+            elif size and digest is None:
+                return None
+        elif t == "l":
+            src = extra
+            mode = 0
+        elif t in ("c", "b"):
+            src = os.lstat(f"/proc/self/fd/{root_fd}/{path}").st_rdev
+        elif t != "p":
+            return None
+        parent, _, name = path.rpartition("/")
+        others.append((parent, name, (t, path, mode, uid, gid, mtime, xattrs, src,
+                                      size if t == "f" else 0, digest)))
+    others.sort(key=lambda o: (o[0], o[1]))
+    return dirs + [o[2] for o in others] + links
+
+
+@dataclass
+class TreeRecord:
+    """A chain's final tree and what building it reported."""
+
+    entries: list[RecordEntry]
+    stats: LayerStats = field(default_factory=LayerStats)
+    warnings: list[str] = field(default_factory=list)
+
+
+def encode_record(rec: TreeRecord, chain_id: str, key: str) -> bytes:
+    head = {"format": RECORD_FORMAT, "marshal": marshal.version, "chain": chain_id,
+            "key": key, "stats": [rec.stats.entries, rec.stats.files, rec.stats.bytes,
+                                  rec.stats.whiteouts, rec.stats.skipped],
+            "warnings": list(rec.warnings)}
+    body = zlib.compress(marshal.dumps((head, rec.entries)), 1)
+    return RECORD_MAGIC + hashlib.sha256(body).digest() + body
+
+
+def decode_record(data: bytes, chain_id: str, key: str) -> TreeRecord | None:
+    """The record in *data*, or None if it is damaged or of another chain, key or
+    format (records are a cache: a bad one is made again, never trusted)."""
+    n = len(RECORD_MAGIC)
+    if data[:n] != RECORD_MAGIC or hashlib.sha256(data[n + 32:]).digest() != data[n:n + 32]:
+        return None
+    try:
+        head, entries = marshal.loads(zlib.decompress(data[n + 32:]))
+    except (ValueError, EOFError, TypeError, zlib.error):
+        return None
+    if not (isinstance(head, dict) and isinstance(entries, list)
+            and head.get("format") == RECORD_FORMAT and head.get("marshal") == marshal.version
+            and head.get("chain") == chain_id and head.get("key") == key):
+        return None
+    st: Any = head.get("stats")
+    stats = LayerStats(*st) if isinstance(st, list) and len(st) == 5 else LayerStats()
+    return TreeRecord(entries, stats, [str(w) for w in head.get("warnings", [])])

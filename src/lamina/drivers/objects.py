@@ -24,11 +24,23 @@ Which placement a bundle gets:
 
 Links and clones need the bundle on the store's filesystem; elsewhere files
 are copied (``link`` falls back to ``clone``, which copies).
+
+Tree records (with the compiled fast path): after each layer, the tree built so
+far is recorded for its chain id (``STORE/extract/objects-tree/<chain id>/``,
+one file per option set: placement kind, rootless, id maps, keep-dirlinks), once
+per chain.  A later unpack replays the record of the longest recorded prefix of
+its chain (:meth:`StoreRootfsWriter.replay`) and applies only the layers above
+it from their tar-splits: an image whose lower layers were unpacked before
+reads no tar-split for them.  Records are a cache: checksummed, made again
+when damaged, removed by ``lamina gc`` with their chain.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
 import stat
 import time
 from collections.abc import Mapping
@@ -48,10 +60,15 @@ from lamina.drivers.materialize import (
     Placement,
     PlaceStats,
     StoreRootfsWriter,
+    TreeRecord,
     apply_split,
+    decode_record,
+    encode_record,
+    record_tree,
+    records_enabled,
 )
 from lamina.errors import UsageError
-from lamina.layer.extract import ExtractOptions, LayerStats
+from lamina.layer.extract import ExtractOptions, LayerStats, Warn
 from lamina.layer.snapshot import row as snapshot_row
 from lamina.layer.snapshot import take_snapshot
 
@@ -60,6 +77,7 @@ if TYPE_CHECKING:
     from lamina.store import Store
 
 NAME = "objects"
+TREES = "objects-tree"      # the extraction namespace of tree records
 PLACEMENT_ANNOTATION = "org.lamina.objects.placement"
 PLACEMENTS = ("clone", "copy", "link")
 
@@ -123,13 +141,23 @@ class ObjectsDriver(Driver):
                 try:
                     if progress is not None:
                         progress.start(sum(c.desc.size for c in req.chain), len(req.chain))
+                    key = self._tree_key(writer) if records_enabled() else None
+                    done = self._replay(key, warn) if key is not None else 0
+                    writer = self._writer   # a failed replay starts over with a new one
+                    n = len(req.chain)
                     for i, layer in enumerate(req.chain):
-                        if not self.try_skip(layer):
+                        if i >= done and not self.try_skip(layer):
                             self.extract(layer, i)
                         if progress is not None:
                             progress.advance(layer.desc.size)
                             progress.layer_done(i)
+                        if (key is not None and done <= i < n - 1 and writer.recordable
+                                and not self._has_tree(i, key)):
+                            self._save_tree(i, key, take_snapshot(rootfs, writer.hashes),
+                                            warnings)
                     snap = take_snapshot(rootfs, writer.hashes)
+                    if key is not None and done < n and not self._has_tree(n - 1, key):
+                        self._save_tree(n - 1, key, snap, warnings)
                     for path, st in writer.finish().items():
                         snap[path] = snapshot_row(path, "d", st, "")
                     self.place = writer.place
@@ -139,12 +167,141 @@ class ObjectsDriver(Driver):
                                           "copied": writer.place.copied,
                                           "linked": writer.place.linked})
                 finally:
+                    if self._writer is not None:
+                        self._writer.close()
                     self._writer = None
-                    writer.close()
         except BaseException:
             storebundle.abort(stage)
             raise
         return storebundle.result(req, NAME, t0, self._stats, self.reused, warnings)
+
+    # -- tree records ---------------------------------------------------------------------
+    def _tree_key(self, w: StoreRootfsWriter) -> str:
+        """What a record depends on besides the chain: farm links or contents, and
+        every option that changes the tree the writer makes."""
+        o = w.opts
+        kind = "link" if w.placement == "link" else "content"
+        ident = repr((kind, o.rootless, [str(m) for m in o.uid_map],
+                      [str(m) for m in o.gid_map], o.keep_dirlinks, os.geteuid(),
+                      os.getegid()))
+        return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+    def _record_path(self, index: int, key: str) -> str | None:
+        ex = self._store.extraction(TREES, self.req.chain[index].chain_id)
+        return None if ex is None else os.path.join(ex.path, f"{key}.tree")
+
+    def _has_tree(self, index: int, key: str) -> bool:
+        path = self._record_path(index, key)
+        return path is not None and os.path.exists(path)
+
+    def _load_tree(self, index: int, key: str) -> TreeRecord | None:
+        path = self._record_path(index, key)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        rec = decode_record(data, self.req.chain[index].chain_id, key)
+        if rec is None:     # damaged (a crash while it was written): made again
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return rec
+
+    def _farms(self, upto: int) -> list[str] | None:
+        """The link farms of layers 0..upto-1, or None if one is gone."""
+        farms = []
+        for layer in self.req.chain[:upto]:
+            ex = self._store.extraction(NAME, layer.chain_id)
+            if ex is None or not os.path.isdir(ex.path):
+                return None
+            farms.append(ex.path)
+        return farms
+
+    def _replay(self, key: str, warn: Warn) -> int:
+        """Replay the record of the longest recorded prefix of the chain; returns how
+        many layers it stands for (0: none, or the replay failed and the rootfs was
+        emptied for the layer-by-layer way)."""
+        w = self._writer
+        assert w is not None
+        for k in range(len(self.req.chain), 0, -1):
+            rec = self._load_tree(k - 1, key)
+            if rec is None:
+                continue
+            farms = self._farms(k) if w.placement == "link" else []
+            if farms is None:
+                continue
+            fds = [os.open(f, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for f in farms]
+            try:
+                w.replay(rec.entries, fds)
+            except (OSError, ValueError):
+                self._restart()     # damaged record, object gone: build it layer by layer
+                return 0
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self._stats = rec.stats
+            for m in rec.warnings:
+                warn(m)
+            self.reused += k
+            return k
+        return 0
+
+    def _restart(self) -> None:
+        old = self._writer
+        assert old is not None
+        root, opts, placement, warn = old.root, old.opts, old.placement, old._warn
+        old.close()
+        shutil.rmtree(root)
+        os.mkdir(root, 0o755)
+        self._writer = StoreRootfsWriter(root, opts, self._store.objects_fd, placement,
+                                         warn=warn)
+        self.place = PlaceStats()
+
+    def _save_tree(self, index: int, key: str, rows: Mapping[str, tuple[object, ...]],
+                   warnings: list[str]) -> None:
+        """Record the tree as it is after layer *index* (once per chain and key)."""
+        w = self._writer
+        assert w is not None
+        if not w.recordable:
+            return
+        farms: list[str] = []
+        if w.placement == "link":
+            got = self._farms(index + 1)
+            if got is None:
+                return
+            farms = got
+        entries = record_tree(w, rows, farms)
+        if entries is None:
+            return
+        stats = LayerStats(self._stats.entries, self._stats.files, self._stats.bytes,
+                           self._stats.whiteouts, self._stats.skipped)
+        chain = self.req.chain[index].chain_id
+        data = encode_record(TreeRecord(entries, stats, list(warnings)), chain, key)
+        st = self._store
+        # no syncfs: a record torn by a crash fails its checksum and is made again
+        with st.extraction_lock(TREES, chain):
+            if self._has_tree(index, key):
+                return      # another unpack recorded it meanwhile
+            ex = st.extraction(TREES, chain)
+            if ex is not None and not os.path.isdir(ex.path):
+                st.remove_extraction(TREES, chain)
+                ex = None
+            d = ex.path if ex is not None else st.extraction_dir(TREES, chain)
+            os.makedirs(d, 0o700, exist_ok=True)
+            final = os.path.join(d, f"{key}.tree")
+            tmp = f"{final}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.rename(tmp, final)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            if ex is None:
+                st.record_extraction(TREES, chain, d)
 
     def extract(self, layer: ChainLayer, index: int) -> None:
         w = self._writer
