@@ -167,7 +167,7 @@ def main() -> int:
         common.md_table(
             ["method", "wall s", "speed-up vs tar", "new blocks MB",
              "% of uncompressed image", "% of source store", "target"],
-            [[label, f"{common.median([x[0] for x in v]):.2f}",
+            [[label, f"{common.median([x[0] for x in v]):.2f} ({min(x[0] for x in v):.2f})",
               f"{base / common.median([x[0] for x in v]):.1f}x",
               f"{common.median([x[1] for x in v]) / 1e6:.1f}",
               f"{100 * common.median([x[1] for x in v]) / tar_size:.1f}%",
@@ -179,7 +179,8 @@ def main() -> int:
              for label, v in rows.items()],
             [False, True, True, True, True, True, False]),
         "",
-        f"- One run per method (`--repeat {args.repeat}`), in the order shown, each into a "
+        f"- {args.repeat} run(s) per method (`--repeat {args.repeat}`), interleaved in the order "
+        "shown; wall s is the median (min); the speed-up compares medians. Each run goes into a "
         "fresh store on the same filesystem (removed afterwards, outside the timing); `sync` "
         "before and after each run for the block counts (statvfs f_bfree * f_frsize). "
         "Wall seconds include Python start-up (about 0.3 s per lamina process).",
@@ -202,17 +203,21 @@ def main() -> int:
         "370 bytes) and the reflinked blobs and tar-splits. So the 5% target holds for images "
         f"whose files average more than about {copy_used / nfiles * 20 / 1000:.0f} KB; this "
         f"one averages {tar_size / nfiles / 1000:.0f} KB.",
-        "- Where the copy's time goes: one link and one index row per object (tens of "
-        "thousands here), the blob and tar-split clones, and the index transaction; the "
+        "- Where the copy's time goes: one link per object (tens of thousands here; on four "
+        "threads, with no per-object stat when the source's objects directory is private to "
+        "the user), the index rows (taken from the source store's index rather than by "
+        "scanning the cloned tar-split, inserted in key order), the blob and tar-split "
+        "clones, one syncfs per layer, and Python start-up; the "
         "baseline's import of *uncompressed* tars is cheap in comparison (no decompression, "
         "blobs hardlinked from the layout). `--verify` also rereads and rehashes all the "
         "data and runs the per-file splitter, so it is no faster than re-importing.",
         "- Other load during the runs (CPU seconds per second of everything else, from "
         "/proc/stat), max: " + ", ".join(
             f"{k} {max((x[2] or 0.0) for x in v):.2f}" for k, v in rows.items()) + ". "
-        "One run per method: timings on this shared 2-CPU machine are noisy.",
+        "Timings on this shared 2-CPU machine are noisy.",
         "",
-        "Rerun: `sudo .venv/bin/python bench/store_copy.py` (`--fs btrfs` for btrfs).",
+        f"Rerun: `sudo .venv/bin/python bench/store_copy.py --repeat {args.repeat}` "
+        "(`--fs btrfs` for btrfs).",
     ]
     common.replace_section(Path(args.out), "copy", common.join_markdown(lines))
     print(common.join_markdown(lines))
