@@ -37,6 +37,9 @@
 #define PARALLEL_MIN 16
 #define MAX_WALK_DEPTH 256
 #define NAME_MAX_LEN (155 + 1 + 100)
+#ifndef FICLONE
+#define FICLONE 0x40049409
+#endif
 
 typedef struct {
     int pfd;
@@ -52,6 +55,13 @@ typedef struct {
     PyObject *real;          /* rootfs-relative real path (new reference) */
     PyObject *parent_real;   /* new reference: cache_dir may evict its dict entry */
     unsigned char digest[32];
+    /* split streams (place_files): the content is a store object, not in buf */
+    int chunk;               /* took a file chunk (the next object of the stream) */
+    char obj[72];            /* that object's name below objects_fd: "ab/cdef..." */
+    int placed;              /* 1 cloned, 2 copied, 3 linked to a farm inode */
+    int farm_new;            /* made the farm inode fname */
+    char fname[65];          /* the farm inode's name (link placement) */
+    int idx;                 /* position in the batch: a unique temporary farm name */
 } member;
 
 /* Octal field: optional leading spaces, digits, then only spaces/NULs.
@@ -83,8 +93,70 @@ static size_t field_len(const unsigned char *p, size_t n) {
 /* Parse one header at buf[pos]; 1 = fast member filled in, 0 = stop (Python's turn),
  * 2 = stop because the member's data is not all in the buffer yet, 3 = stop because
  * its parent directory is not open (yet: it may be created by this very batch). */
+/* The file chunks of a split stream (place_files): files[fi] is the next unconsumed
+ * Chunk (or None: inline data, Python's case). */
+typedef struct {
+    PyObject *files;
+    Py_ssize_t fi;
+} split_src;
+
+static int hexval(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Take the next file chunk for a member of size m->size: 1 done, 0 Python's turn
+ * (inline data, a name that is no digest, a size that disagrees), 2 not read yet,
+ * -1 error. */
+static int take_chunk(split_src *sp, member *m) {
+    if (sp->fi >= PyList_GET_SIZE(sp->files))
+        return 2;
+    PyObject *c = PyList_GET_ITEM(sp->files, sp->fi);
+    if (c == Py_None)
+        return 0;
+    PyObject *size = PyObject_GetAttrString(c, "size");
+    if (size == NULL)
+        return -1;
+    long long n = PyLong_AsLongLong(size);
+    Py_DECREF(size);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n != m->size)
+        return 0;
+    PyObject *name = PyObject_GetAttrString(c, "name");
+    if (name == NULL)
+        return -1;
+    int ok = PyBytes_Check(name) && PyBytes_GET_SIZE(name) == 65 &&
+             PyBytes_AS_STRING(name)[2] == '/';
+    if (ok) {
+        const char *t = PyBytes_AS_STRING(name);
+        for (int i = 0, j = 0; i < 65 && ok; i++) {
+            if (i == 2)
+                continue;
+            int v = hexval((unsigned char)t[i]);
+            if (v < 0) {
+                ok = 0;
+                break;
+            }
+            if (j % 2 == 0)
+                m->digest[j / 2] = (unsigned char)(v << 4);
+            else
+                m->digest[j / 2] |= (unsigned char)v;
+            j++;
+        }
+        if (ok)
+            memcpy(m->obj, t, 66);
+    }
+    Py_DECREF(name);
+    if (!ok)
+        return 0;   /* a split made elsewhere: Python opens it by name */
+    m->chunk = 1;
+    sp->fi++;
+    return 1;
+}
+
 static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos,
-                        PyObject *dirs, int rootless, member *m, Py_ssize_t *need) {
+                        PyObject *dirs, int rootless, member *m, Py_ssize_t *need,
+                        split_src *sp) {
     const unsigned char *h = buf + pos;
     long long chk, sum = 0;
     char full[NAME_MAX_LEN + 1];
@@ -142,6 +214,9 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     }
     if (m->kind != 'f')
         m->size = 0;   /* header-only types carry no data, whatever the size field says */
+    m->chunk = 0;
+    m->placed = 0;
+    m->farm_new = 0;
     /* components: drop a leading "./" or "/" only; anything else irregular goes to Python */
     const char *name = full;
     if (name[0] == '/')
@@ -156,6 +231,8 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     if (strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
         return 0;
     Py_ssize_t end = pos + BLOCK + (Py_ssize_t)((m->size + BLOCK - 1) / BLOCK * BLOCK);
+    if (sp != NULL && m->kind == 'f' && m->size > 0)
+        end -= (Py_ssize_t)m->size;   /* only the padding is in the stream */
     if (end > len) {
         *need = end - pos;
         return 2;
@@ -177,6 +254,14 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     PyObject *preal = PyTuple_GET_ITEM(val, 1);
     if (!PyUnicode_Check(preal))
         return 0;
+    if (sp != NULL && m->kind == 'f' && m->size > 0) {
+        int got = take_chunk(sp, m);
+        if (got != 1) {
+            if (got == 2)
+                *need = end - pos + BLOCK;   /* the chunk comes with the next read */
+            return got;
+        }
+    }
     PyObject *bstr = PyUnicode_DecodeUTF8(base, (Py_ssize_t)strlen(base), "surrogateescape");
     if (bstr == NULL)
         return -1;
@@ -209,6 +294,13 @@ typedef struct {
     int rootless;
     long long euid, egid;
     unsigned int umask;
+    /* place_files: file contents are store objects */
+    int objects_fd;
+    int copy_only;           /* never FICLONE (copy placement) */
+    int farm_fd;             /* link placement: the layer's link farm, else -1 */
+    const char *farm_key;    /* prefix of every farm inode name's hash */
+    Py_ssize_t farm_key_len;
+    volatile int *no_clone;
 } opts;
 
 static int write_all(int fd, const unsigned char *p, long long n) {
@@ -221,6 +313,44 @@ static int write_all(int fd, const unsigned char *p, long long n) {
         }
         p += w;
         n -= w;
+    }
+    return 0;
+}
+
+/* Fill dst with a store object's content: FICLONE (shared extents), else
+ * copy_file_range, else read/write.  *no_clone remembers a refused FICLONE. */
+static int fill_object(int src, int dst, long long size, int copy_only, volatile int *no_clone,
+                       int *cloned) {
+    *cloned = 0;
+    if (!copy_only && !*no_clone) {
+        if (ioctl(dst, FICLONE, src) == 0) {
+            *cloned = 1;
+            return 0;
+        }
+        if (errno != EOPNOTSUPP && errno != ENOTTY && errno != EXDEV && errno != EINVAL &&
+            errno != ENOSYS && errno != EPERM && errno != EBADF && errno != ETXTBSY)
+            return -1;
+        *no_clone = 1;
+    }
+    off_t off = 0;
+    while (off < size) {
+        off_t in = off, out = off;
+        ssize_t n = copy_file_range(src, &in, dst, &out, (size_t)(size - off), 0);
+        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
+                      errno == EOPNOTSUPP)) {
+            char buf[1 << 16];
+            n = pread(src, buf, sizeof buf < (size_t)(size - off) ? sizeof buf
+                                                                  : (size_t)(size - off), off);
+            if (n > 0 && pwrite(dst, buf, (size_t)n, off) != n)
+                return -1;
+        }
+        if (n < 0)
+            return -1;
+        if (n == 0) {
+            errno = EIO;   /* the object shrank: the store is damaged */
+            return -1;
+        }
+        off += n;
     }
     return 0;
 }
@@ -255,18 +385,29 @@ static int create_other(member *m, const opts *o) {
     return 0;
 }
 
-/* The syscalls for one member, mirroring RootfsWriter._apply_entry/_write_file
- * (chown first: it clears setuid bits; chmod only where creation left it wrong). */
-static int create_member(member *m, const opts *o) {
-    if (m->kind != 'f')
-        return create_other(m, o);
+/* A new inode at dfd/name with the member's content and metadata, mirroring
+ * RootfsWriter._write_file (chown first: it clears setuid bits; chmod only where
+ * creation left it wrong).  Removed again on failure. */
+static int make_file(member *m, const opts *o, int dfd, const char *name) {
     unsigned int cmode = (m->mode & 0777) | (o->rootless ? 0600 : 0);
-    int fd = openat(m->pfd, m->base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cmode);
+    int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cmode);
     if (fd < 0)
         return -1;
-    int chowned = 0;
-    if (write_all(fd, m->data, m->size) < 0)
+    int chowned = 0, src = -1;
+    if (m->chunk) {
+        struct stat st;
+        int cloned;
+        src = openat(o->objects_fd, m->obj, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (src < 0 || fstat(src, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size != m->size)
+            goto fail;   /* Python redoes it and says what is wrong with the store */
+        if (fill_object(src, fd, m->size, o->copy_only, o->no_clone, &cloned) < 0)
+            goto fail;
+        close(src);
+        src = -1;
+        m->placed = cloned ? 1 : 2;
+    } else if (write_all(fd, m->data, m->size) < 0) {
         goto fail;
+    }
     if (owner_differs(m, o)) {
         if (fchown(fd, (uid_t)m->uid, (gid_t)m->gid) < 0)
             goto fail;
@@ -279,7 +420,8 @@ static int create_member(member *m, const opts *o) {
     struct timespec ts[2] = {{(time_t)m->mtime, 0}, {(time_t)m->mtime, 0}};
     if (futimens(fd, ts) < 0)
         goto fail;
-    if (EVP_Digest(m->data, (size_t)m->size, m->digest, NULL, EVP_sha256(), NULL) != 1)
+    if (!m->chunk &&
+        EVP_Digest(m->data, (size_t)m->size, m->digest, NULL, EVP_sha256(), NULL) != 1)
         goto fail;
     if (close(fd) < 0) {
         fd = -1;
@@ -287,10 +429,50 @@ static int create_member(member *m, const opts *o) {
     }
     return 0;
 fail:
+    if (src >= 0)
+        close(src);
     if (fd >= 0)
         close(fd);
-    unlinkat(m->pfd, m->base, 0);
+    unlinkat(dfd, name, 0);
+    m->placed = 0;
     return -1;
+}
+
+/* Link placement: a hardlink to the farm inode with the member's content and
+ * metadata, made (under a temporary name, renamed when complete) if the farm has
+ * none yet.  As StoreRootfsWriter._farm_inode names it. */
+static int link_member(member *m, const opts *o) {
+    if (linkat(o->farm_fd, m->fname, m->pfd, m->base, 0) == 0) {
+        m->placed = 3;
+        return 0;
+    }
+    if (errno != ENOENT)
+        return -1;   /* EEXIST: the path is taken, Python replaces what is there */
+    char tmp[128];
+    snprintf(tmp, sizeof tmp, ".%s.%d.%d", m->fname, (int)getpid(), m->idx);
+    unlinkat(o->farm_fd, tmp, 0);   /* a leftover of a killed run with the same pid */
+    if (make_file(m, o, o->farm_fd, tmp) < 0)
+        return -1;
+    if (renameat2(o->farm_fd, tmp, o->farm_fd, m->fname, RENAME_NOREPLACE) == 0)
+        m->farm_new = 1;
+    else if (errno == EEXIST)   /* the other thread made the same inode meanwhile */
+        unlinkat(o->farm_fd, tmp, 0);
+    else {
+        unlinkat(o->farm_fd, tmp, 0);
+        return -1;
+    }
+    if (linkat(o->farm_fd, m->fname, m->pfd, m->base, 0) < 0)
+        return -1;
+    m->placed = 3;
+    return 0;
+}
+
+static int create_member(member *m, const opts *o) {
+    if (m->kind != 'f')
+        return create_other(m, o);
+    if (m->chunk && o->farm_fd >= 0)
+        return link_member(m, o);
+    return make_file(m, o, m->pfd, m->base);
 }
 
 typedef struct {
@@ -372,27 +554,49 @@ PyDoc_STRVAR(extract_files_doc,
 "made, the files' data bytes, the distinct parent real paths, and, when the batch\n"
 "stopped at a member whose data is not in buf yet, that member's length (else 0).");
 
-static PyObject *extract_files(PyObject *self, PyObject *args) {
-    Py_buffer view;
-    Py_ssize_t pos;
-    PyObject *dirs, *stale, *hashes, *paths, *dir_meta;
-    Py_ssize_t limit;
-    opts o;
-    if (!PyArg_ParseTuple(args, "y*nO!O!nO!O!O!pLLI", &view, &pos, &PyDict_Type, &dirs,
-                          &PyList_Type, &stale, &limit, &PyDict_Type, &hashes, &PySet_Type,
-                          &paths, &PyDict_Type, &dir_meta, &o.rootless, &o.euid, &o.egid,
-                          &o.umask))
-        return NULL;
-    const unsigned char *buf = view.buf;
-    Py_ssize_t len = view.len;
+/* The batches of extract_files and place_files (sp != NULL: a split stream).
+ * Returns (pos, entries, files, nbytes, parents, need) plus, for place_files, the
+ * placement counts and the farm inodes made. */
+typedef struct {
+    Py_ssize_t entries, files;
+    long long nbytes, cloned, copied, linked;
+    PyObject *parents, *farm_made;
+} batch_out;
+
+static int farm_name(member *m, const opts *o) {
+    char tail[160];
+    unsigned char d[32];
+    int n = snprintf(tail, sizeof tail, "%s|%u|%lld|%lld|%lld", m->obj, m->mode, m->uid,
+                     m->gid, m->mtime * 1000000000LL);
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    int ok = ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 &&
+             EVP_DigestUpdate(ctx, o->farm_key, (size_t)o->farm_key_len) == 1 &&
+             EVP_DigestUpdate(ctx, tail, (size_t)n) == 1 &&
+             EVP_DigestFinal_ex(ctx, d, NULL) == 1;
+    EVP_MD_CTX_free(ctx);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "sha256 failed");
+        return -1;
+    }
+    static const char hx[] = "0123456789abcdef";
+    for (int i = 0; i < 32; i++) {
+        m->fname[2 * i] = hx[d[i] >> 4];
+        m->fname[2 * i + 1] = hx[d[i] & 15];
+    }
+    m->fname[64] = '\0';
+    return 0;
+}
+
+static int run_batches(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *posp,
+                       PyObject *dirs, PyObject *stale, Py_ssize_t limit, PyObject *hashes,
+                       PyObject *paths, PyObject *dir_meta, opts *o, split_src *sp,
+                       Py_ssize_t *needp, batch_out *out) {
     member *ms = PyMem_Malloc(sizeof(member) * MAX_BATCH);
-    PyObject *parents = PyList_New(0);
-    PyObject *result = NULL;
-    Py_ssize_t need = 0, files = 0, entries = 0;
-    long long nbytes = 0;
-    if (ms == NULL || parents == NULL) {
+    Py_ssize_t pos = *posp, need = 0;
+    int rc = -1;
+    if (ms == NULL) {
         PyErr_NoMemory();
-        goto out;
+        return -1;
     }
     if (pos < 0 || pos > len) {
         PyErr_SetString(PyExc_ValueError, "pos out of range");
@@ -400,10 +604,12 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
     }
     for (;;) {
         int n = 0, why = 1, made_dirs = 0;
-        Py_ssize_t p = pos;
+        Py_ssize_t p = pos, fi0 = sp ? sp->fi : 0;
         need = 0;
         while (n < MAX_BATCH) {
-            why = parse_member(buf, len, p, dirs, o.rootless, &ms[n], &need);
+            why = parse_member(buf, len, p, dirs, o->rootless, &ms[n], &need, sp);
+            if (why == 1 && ms[n].chunk && o->farm_fd >= 0 && farm_name(&ms[n], o) < 0)
+                why = -1, n++;   /* release this member's references below */
             if (why < 0) {
                 for (int i = 0; i < n; i++) {
                     Py_DECREF(ms[i].real);
@@ -414,6 +620,7 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
             }
             if (why != 1)
                 break;
+            ms[n].idx = n;
             made_dirs |= ms[n].kind == 'd';
             p = ms[n].end;
             n++;
@@ -422,10 +629,11 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
             need = 0;
         int done;
         Py_BEGIN_ALLOW_THREADS
-        done = create_members(ms, n, &o);
+        done = create_members(ms, n, o);
         Py_END_ALLOW_THREADS
         int err = 0;
         PyObject *last = NULL;
+        Py_ssize_t used = 0;   /* file chunks of the created members */
         for (int i = 0; i < n; i++) {
             if (i < done && !err) {
                 PyObject *d;
@@ -441,17 +649,27 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
                                            cache_dir(dirs, stale, limit, &ms[i]) < 0)))
                     err = 1;
                 Py_XDECREF(d);
+                if (!err && ms[i].farm_new) {
+                    PyObject *f = PyUnicode_FromString(ms[i].fname);
+                    if (f == NULL || PyList_Append(out->farm_made, f) < 0)
+                        err = 1;
+                    Py_XDECREF(f);
+                }
                 if (!err && ms[i].parent_real != last) {
                     last = ms[i].parent_real;
-                    if (PyList_Append(parents, last) < 0)
+                    if (PyList_Append(out->parents, last) < 0)
                         err = 1;
                 }
                 if (!err) {
                     pos = ms[i].end;
-                    entries++;
+                    out->entries++;
+                    used += ms[i].chunk;
                     if (ms[i].kind == 'f') {
-                        files++;
-                        nbytes += ms[i].size;
+                        out->files++;
+                        out->nbytes += ms[i].size;
+                        out->cloned += ms[i].placed == 1;
+                        out->copied += ms[i].placed == 2;
+                        out->linked += ms[i].placed == 3;
                     }
                 }
             }
@@ -462,6 +680,8 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
         }
         for (int i = 0; i < n; i++)   /* after the loop: 'last' compares these pointers */
             Py_DECREF(ms[i].parent_real);
+        if (sp)
+            sp->fi = fi0 + used;   /* members not created give their chunks back */
         if (err)
             goto out;
         if (done < n) {
@@ -474,11 +694,89 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
         if (why != 1)
             break;
     }
-    result = Py_BuildValue("nnnLOn", pos, entries, files, nbytes, parents, need);
+    rc = 0;
 out:
+    *posp = pos;
+    *needp = need;
     PyMem_Free(ms);
-    Py_XDECREF(parents);
+    return rc;
+}
+
+static PyObject *extract_files(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t pos, need = 0;
+    PyObject *dirs, *stale, *hashes, *paths, *dir_meta;
+    Py_ssize_t limit;
+    volatile int no_clone = 0;
+    opts o = {0};
+    o.farm_fd = -1;
+    o.no_clone = &no_clone;
+    if (!PyArg_ParseTuple(args, "y*nO!O!nO!O!O!pLLI", &view, &pos, &PyDict_Type, &dirs,
+                          &PyList_Type, &stale, &limit, &PyDict_Type, &hashes, &PySet_Type,
+                          &paths, &PyDict_Type, &dir_meta, &o.rootless, &o.euid, &o.egid,
+                          &o.umask))
+        return NULL;
+    batch_out out = {0};
+    PyObject *result = NULL;
+    out.parents = PyList_New(0);
+    out.farm_made = PyList_New(0);
+    if (out.parents != NULL && out.farm_made != NULL &&
+        run_batches(view.buf, view.len, &pos, dirs, stale, limit, hashes, paths, dir_meta, &o,
+                    NULL, &need, &out) == 0)
+        result = Py_BuildValue("nnnLOn", pos, out.entries, out.files, out.nbytes, out.parents,
+                               need);
+    Py_XDECREF(out.parents);
+    Py_XDECREF(out.farm_made);
     PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(place_files_doc,
+"place_files(buf, pos, dirs, stale, limit, hashes, layer_paths, dir_meta, rootless,\n"
+"            euid, egid, umask, files, fi, objects_fd, copy_only, farm_fd, farm_key)\n"
+"  -> (pos, entries, files, nbytes, parents, need, fi, cloned, copied, linked, made)\n\n"
+"extract_files for a tar-split's metadata stream (lamina.drivers.materialize): a\n"
+"regular file's content is the store object named by files[fi] (the stream's file\n"
+"chunks, in order; None for inline data, which stops the batch), cloned (FICLONE,\n"
+"else copied; always copied with copy_only) from below objects_fd, or, with\n"
+"farm_fd >= 0, a hardlink to the inode of that link farm named as\n"
+"StoreRootfsWriter._farm_inode names it (sha256 of farm_key and the metadata),\n"
+"made there first if missing.  Returns the next unconsumed chunk index, how many\n"
+"files were cloned, copied and linked, and the names of the farm inodes made.");
+
+static PyObject *place_files(PyObject *self, PyObject *args) {
+    Py_buffer view, key;
+    Py_ssize_t pos, need = 0;
+    PyObject *dirs, *stale, *hashes, *paths, *dir_meta;
+    Py_ssize_t limit;
+    volatile int no_clone = 0;
+    split_src sp;
+    opts o = {0};
+    o.no_clone = &no_clone;
+    if (!PyArg_ParseTuple(args, "y*nO!O!nO!O!O!pLLIO!nipiy*", &view, &pos, &PyDict_Type, &dirs,
+                          &PyList_Type, &stale, &limit, &PyDict_Type, &hashes, &PySet_Type,
+                          &paths, &PyDict_Type, &dir_meta, &o.rootless, &o.euid, &o.egid,
+                          &o.umask, &PyList_Type, &sp.files, &sp.fi, &o.objects_fd,
+                          &o.copy_only, &o.farm_fd, &key))
+        return NULL;
+    o.farm_key = key.buf;
+    o.farm_key_len = key.len;
+    batch_out out = {0};
+    PyObject *result = NULL;
+    out.parents = PyList_New(0);
+    out.farm_made = PyList_New(0);
+    if (sp.fi < 0 || sp.fi > PyList_GET_SIZE(sp.files))
+        PyErr_SetString(PyExc_ValueError, "fi out of range");
+    else if (out.parents != NULL && out.farm_made != NULL &&
+             run_batches(view.buf, view.len, &pos, dirs, stale, limit, hashes, paths,
+                         dir_meta, &o, &sp, &need, &out) == 0)
+        result = Py_BuildValue("nnnLOnnLLLO", pos, out.entries, out.files, out.nbytes,
+                               out.parents, need, sp.fi, out.cloned, out.copied, out.linked,
+                               out.farm_made);
+    Py_XDECREF(out.parents);
+    Py_XDECREF(out.farm_made);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&key);
     return result;
 }
 
@@ -629,9 +927,6 @@ fail:
  * writer's finish(), as for any layer.
  */
 
-#ifndef FICLONE
-#define FICLONE 0x40049409
-#endif
 #ifndef SYS_openat2
 #define SYS_openat2 437
 #endif
@@ -747,40 +1042,8 @@ static int set_xattrs_r(rentry *e, int fd, int pfd, const char *base) {
     return 0;
 }
 
-/* Fill dst with the object's content: FICLONE, else copy_file_range, else read/write. */
 static int fill_from(int src, int dst, long long size, rctx *c, int *cloned) {
-    *cloned = 0;
-    if (!c->copy_only && !c->no_clone) {
-        if (ioctl(dst, FICLONE, src) == 0) {
-            *cloned = 1;
-            return 0;
-        }
-        if (errno != EOPNOTSUPP && errno != ENOTTY && errno != EXDEV && errno != EINVAL &&
-            errno != ENOSYS && errno != EPERM && errno != EBADF && errno != ETXTBSY)
-            return -1;
-        c->no_clone = 1;
-    }
-    off_t off = 0;
-    while (off < size) {
-        off_t in = off, out = off;
-        ssize_t n = copy_file_range(src, &in, dst, &out, (size_t)(size - off), 0);
-        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS ||
-                      errno == EOPNOTSUPP)) {
-            char buf[1 << 16];
-            n = pread(src, buf, sizeof buf < (size_t)(size - off) ? sizeof buf
-                                                                  : (size_t)(size - off), off);
-            if (n > 0 && pwrite(dst, buf, (size_t)n, off) != n)
-                return -1;
-        }
-        if (n < 0)
-            return -1;
-        if (n == 0) {
-            errno = EIO;   /* the object shrank: the store is damaged */
-            return -1;
-        }
-        off += n;
-    }
-    return 0;
+    return fill_object(src, dst, size, c->copy_only, &c->no_clone, cloned);
 }
 
 static int replay_dir(rentry *e, int pfd, rctx *c) {
@@ -1279,6 +1542,7 @@ static PyMethodDef methods[] = {
     {"extract_files", extract_files, METH_VARARGS, extract_files_doc},
     {"snapshot_rows", snapshot_rows, METH_VARARGS, snapshot_rows_doc},
     {"replay_tree", replay_tree, METH_VARARGS, replay_tree_doc},
+    {"place_files", place_files, METH_VARARGS, place_files_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,3 +1,5 @@
+from typing import Any
+
 def extract_files(buf: bytes, pos: int, dirs: dict[str, tuple[int, str]], stale: list[int],
                   limit: int, hashes: dict[str, bytes], layer_paths: set[str],
                   dir_meta: dict[str, tuple[int, int]], rootless: bool, euid: int, egid: int,
@@ -9,3 +11,9 @@ def replay_tree(root_fd: int, objects_fd: int, farm_fds: list[int], entries: lis
                 copy_only: bool, rootless: bool, euid: int, egid: int, umask: int,
                 hashes: dict[str, bytes], dir_meta: dict[str, tuple[int, int]], /
                 ) -> tuple[int, int, int, list[tuple[str, bytes, int]]]: ...
+def place_files(buf: bytes, pos: int, dirs: dict[str, tuple[int, str]], stale: list[int],
+                limit: int, hashes: dict[str, bytes], layer_paths: set[str],
+                dir_meta: dict[str, tuple[int, int]], rootless: bool, euid: int, egid: int,
+                umask: int, files: list[Any], fi: int, objects_fd: int, copy_only: bool,
+                farm_fd: int, farm_key: bytes, /) -> tuple[
+                    int, int, int, int, list[str], int, int, int, int, int, list[str]]: ...

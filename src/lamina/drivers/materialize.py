@@ -46,14 +46,20 @@ import marshal
 import os
 import stat
 import zlib
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Literal
 
 from lamina.errors import CorruptLayerError
-from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter, Warn, fastpath_enabled
-from lamina.layer.tarstream import TarEntry, TarReader
+from lamina.layer.extract import (
+    _FD_CACHE,
+    ExtractOptions,
+    LayerStats,
+    RootfsWriter,
+    Warn,
+    fastpath_enabled,
+)
+from lamina.layer.tarstream import FastFn, TarEntry, TarReader
 from lamina.stream.splitdirfdstream import FICLONE, FILE, INLINE, Chunk, open_ref, read_chunks
 
 try:  # compiled replay of tree records (setup.py builds it when a compiler is there)
@@ -85,55 +91,83 @@ class PlaceStats:
         self.farm_new += o.farm_new
 
 
+_SPLIT_READ = 256 << 10      # metadata handed to the tar parser per read: many headers
+
+
+class SplitFast:
+    """The compiled path for a :class:`SplitTarReader` (``_fastpath.place_files``);
+    the only fast path such a reader takes: file contents are not in its stream."""
+
+    def __init__(self, fn: FastFn) -> None:
+        self.fn = fn
+
+    def __call__(self, buf: bytes, pos: int) -> tuple[int, int]:
+        return self.fn(buf, pos)
+
+
 class SplitTarReader(TarReader):
     """A :class:`TarReader` over a tar-split's metadata chunks.
 
     For each regular file with data, :attr:`current` is its file chunk (the
     data is not in the stream, :meth:`read_data` returns b"") or None when
-    the split carries the data inline (then it is read as usual).
+    the split carries the data inline (then it is read as usual).  The file
+    chunks met so far are :attr:`files` (None where a file's inline data
+    starts); :attr:`fi` is the next one to hand out.
     """
 
     def __init__(self, f: BinaryIO) -> None:
         self._chunks = read_chunks(f)
-        self._data: deque[Chunk | None] = deque()
+        self.files: list[Chunk | None] = []
+        self.fi = 0
         self._in_inline = False
+        self._fast: SplitFast | None = None
         self.current: Chunk | None = None
         super().__init__(self._next)
 
     @property
-    def fast(self) -> None:
-        """The compiled fast path reads file data from the stream: never here."""
-        return None
+    def fast(self) -> SplitFast | None:
+        return self._fast
 
     @fast.setter
-    def fast(self, _value: object) -> None:
-        pass
+    def fast(self, value: object) -> None:
+        # extract_files would read file data from the stream: only place_files fits
+        self._fast = value if isinstance(value, SplitFast) else None
 
     def _next(self, _n: int) -> bytes:
+        # several chunks per read, so that the fast path gets many headers per call
+        out: list[bytes] = []
+        size = 0
         for c in self._chunks:
             if c.kind == FILE:
-                self._data.append(c)
+                self.files.append(c)
                 self._in_inline = False
                 continue
             if c.kind == INLINE:
                 if not self._in_inline:
-                    self._data.append(None)     # a new file's inline data starts
+                    self.files.append(None)     # a new file's inline data starts
                 self._in_inline = True
             else:
                 self._in_inline = False
             if c.data:
-                return c.data
-        return b""
+                out.append(c.data)
+                size += len(c.data)
+                if size >= _SPLIT_READ:
+                    break
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def __iter__(self) -> Iterator[TarEntry]:
         for entry in super().__iter__():
             self.current = None
+            if self.fi > 4096:      # handed out: drop them (the fast path too is done)
+                del self.files[:self.fi]
+                self.fi = 0
             if entry.kind == "file" and entry.size > 0:
-                while not self._data:
+                while self.fi >= len(self.files):
                     if not self._fill():
                         raise CorruptLayerError(
                             f"tar-split: no content for {entry.name!r}", hint=_HINT)
-                item = self._data.popleft()
+                item = self.files[self.fi]
+                self.fi += 1
                 if item is not None:
                     if item.size != entry.size:
                         raise CorruptLayerError(
@@ -215,6 +249,7 @@ class StoreRootfsWriter(RootfsWriter):
         self._farm_key = repr((opts.rootless, opts.uid_map, opts.gid_map)).encode()
         self._farm_writer: StoreRootfsWriter | None = None
         self._farm_names: set[str] = set()
+        self._split: SplitTarReader | None = None     # the layer being applied
         self.xattr_paths: set[str] = set()   # where xattrs were set: read back by records
         self.recordable = True      # every file's content is a store object (or empty)
 
@@ -234,6 +269,46 @@ class StoreRootfsWriter(RootfsWriter):
     def close(self) -> None:
         self.set_farm(None)
         super().close()
+
+    # -- the compiled path ---------------------------------------------------------------
+    def apply(self, reader: TarReader, stats: LayerStats) -> None:
+        self._split = reader if isinstance(reader, SplitTarReader) else None
+        try:
+            super().apply(reader, stats)
+        finally:
+            self._split = None
+
+    def _fast_fn(self, stats: LayerStats) -> FastFn:
+        r = self._split
+        if r is None or not hasattr(_fastpath, "place_files"):
+            return super()._fast_fn(stats)
+        place = _fastpath.place_files
+        rootless, euid, egid, umask = self.opts.rootless, self._euid, self._egid, self._umask
+        layer = self._layer
+        copy_only = self.placement == "copy"
+        farm_fd = self._farm_fd if self._farm_writer is not None else -1
+        key = self._farm_key
+
+        def fast(buf: bytes, pos: int) -> tuple[int, int]:
+            (pos, entries, files, nbytes, parents, need, r.fi, cloned, copied, linked,
+             made) = place(buf, pos, self._dirs, self._stale, _FD_CACHE, self.hashes,
+                           layer.paths, self.dir_meta, rootless, euid, egid, umask, r.files,
+                           r.fi, self.objects_fd, copy_only, farm_fd, key)
+            if entries:
+                stats.entries += entries
+                stats.files += files
+                stats.fast += entries
+                stats.bytes += nbytes
+                self.place.cloned += cloned
+                self.place.copied += copied
+                self.place.linked += linked
+                if made:
+                    self.place.farm_new += len(made)
+                    self._farm_names.update(made)
+                for p in parents:
+                    layer.mark_parent(p)
+            return pos, need
+        return SplitFast(fast)
 
     def _setxattr(self, path: str, fd: int | None, name: str, value: bytes) -> None:
         self.xattr_paths.add(path)
