@@ -25,13 +25,14 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from typing import NoReturn
 
 import httpx
 
 _CHUNK = 256 << 10      # body bytes per yielded chunk: progress stays smooth
 
 
-def _raise_mapped(e: BaseException, request: httpx.Request, phase: str) -> None:
+def _raise_mapped(e: BaseException, request: httpx.Request, phase: str) -> NoReturn:
     """Raise the httpx exception for *e* (an OSError or http.client error)."""
     msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     if isinstance(e, (socket.timeout, TimeoutError)):
