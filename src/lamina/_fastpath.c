@@ -60,6 +60,7 @@ typedef struct {
     char obj[72];            /* that object's name below objects_fd: "ab/cdef..." */
     int placed;              /* 1 cloned, 2 copied, 3 linked to a farm inode */
     int farm_new;            /* made the farm inode fname */
+    int adopted;             /* ... from the store object's own inode */
     char fname[65];          /* the farm inode's name (link placement) */
     int idx;                 /* position in the batch: a unique temporary farm name */
 } member;
@@ -217,6 +218,7 @@ static int parse_member(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos
     m->chunk = 0;
     m->placed = 0;
     m->farm_new = 0;
+    m->adopted = 0;
     /* components: drop a leading "./" or "/" only; anything else irregular goes to Python */
     const char *name = full;
     if (name[0] == '/')
@@ -300,6 +302,7 @@ typedef struct {
     int farm_fd;             /* link placement: the layer's link farm, else -1 */
     const char *farm_key;    /* prefix of every farm inode name's hash */
     Py_ssize_t farm_key_len;
+    int adopt;               /* no reflinks: a farm inode is the object's inode if free */
     volatile int *no_clone;
 } opts;
 
@@ -441,6 +444,31 @@ fail:
 /* Link placement: a hardlink to the farm inode with the member's content and
  * metadata, made (under a temporary name, renamed when complete) if the farm has
  * none yet.  As StoreRootfsWriter._farm_inode names it. */
+/* The object's inode as the farm inode tmp (StoreRootfsWriter._adopt_object): 1 done,
+ * 0 not ours alone (nothing changed), -1 failed. */
+static int adopt_object(member *m, const opts *o, const char *tmp) {
+    if (linkat(o->objects_fd, m->obj, o->farm_fd, tmp, 0) < 0)
+        return 0;
+    struct stat st;
+    int fd = openat(o->farm_fd, tmp, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_nlink != 2 || st.st_uid != (uid_t)o->euid ||
+        !S_ISREG(st.st_mode) || st.st_size != m->size) {
+        if (fd >= 0)
+            close(fd);
+        unlinkat(o->farm_fd, tmp, 0);
+        return 0;
+    }
+    struct timespec ts[2] = {{(time_t)m->mtime, 0}, {(time_t)m->mtime, 0}};
+    if ((!o->rootless && fchown(fd, (uid_t)m->uid, (gid_t)m->gid) < 0) ||
+        fchmod(fd, m->mode) < 0 || futimens(fd, ts) < 0) {
+        close(fd);
+        unlinkat(o->farm_fd, tmp, 0);
+        return -1;
+    }
+    close(fd);
+    return 1;
+}
+
 static int link_member(member *m, const opts *o) {
     if (linkat(o->farm_fd, m->fname, m->pfd, m->base, 0) == 0) {
         m->placed = 3;
@@ -451,10 +479,13 @@ static int link_member(member *m, const opts *o) {
     char tmp[128];
     snprintf(tmp, sizeof tmp, ".%s.%d.%d", m->fname, (int)getpid(), m->idx);
     unlinkat(o->farm_fd, tmp, 0);   /* a leftover of a killed run with the same pid */
-    if (make_file(m, o, o->farm_fd, tmp) < 0)
+    int adopted = o->adopt ? adopt_object(m, o, tmp) : 0;
+    if (adopted < 0 || (!adopted && make_file(m, o, o->farm_fd, tmp) < 0))
         return -1;
-    if (renameat2(o->farm_fd, tmp, o->farm_fd, m->fname, RENAME_NOREPLACE) == 0)
+    if (renameat2(o->farm_fd, tmp, o->farm_fd, m->fname, RENAME_NOREPLACE) == 0) {
         m->farm_new = 1;
+        m->adopted = adopted;
+    }
     else if (errno == EEXIST)   /* the other thread made the same inode meanwhile */
         unlinkat(o->farm_fd, tmp, 0);
     else {
@@ -559,7 +590,7 @@ PyDoc_STRVAR(extract_files_doc,
  * placement counts and the farm inodes made. */
 typedef struct {
     Py_ssize_t entries, files;
-    long long nbytes, cloned, copied, linked;
+    long long nbytes, cloned, copied, linked, adopted;
     PyObject *parents, *farm_made;
 } batch_out;
 
@@ -649,6 +680,7 @@ static int run_batches(const unsigned char *buf, Py_ssize_t len, Py_ssize_t *pos
                                            cache_dir(dirs, stale, limit, &ms[i]) < 0)))
                     err = 1;
                 Py_XDECREF(d);
+                out->adopted += ms[i].adopted;
                 if (!err && ms[i].farm_new) {
                     PyObject *f = PyUnicode_FromString(ms[i].fname);
                     if (f == NULL || PyList_Append(out->farm_made, f) < 0)
@@ -733,16 +765,20 @@ static PyObject *extract_files(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(place_files_doc,
 "place_files(buf, pos, dirs, stale, limit, hashes, layer_paths, dir_meta, rootless,\n"
-"            euid, egid, umask, files, fi, objects_fd, copy_only, farm_fd, farm_key)\n"
-"  -> (pos, entries, files, nbytes, parents, need, fi, cloned, copied, linked, made)\n\n"
+"            euid, egid, umask, files, fi, objects_fd, copy_only, farm_fd, farm_key,\n"
+"            adopt)\n"
+"  -> (pos, entries, files, nbytes, parents, need, fi, cloned, copied, linked, made,\n"
+"      adopted)\n\n"
 "extract_files for a tar-split's metadata stream (lamina.drivers.materialize): a\n"
 "regular file's content is the store object named by files[fi] (the stream's file\n"
 "chunks, in order; None for inline data, which stops the batch), cloned (FICLONE,\n"
 "else copied; always copied with copy_only) from below objects_fd, or, with\n"
 "farm_fd >= 0, a hardlink to the inode of that link farm named as\n"
 "StoreRootfsWriter._farm_inode names it (sha256 of farm_key and the metadata),\n"
-"made there first if missing.  Returns the next unconsumed chunk index, how many\n"
-"files were cloned, copied and linked, and the names of the farm inodes made.");
+"made there first if missing (with adopt: from the object's own inode when nothing\n"
+"else links it).  Returns the next unconsumed chunk index, how many files were\n"
+"cloned, copied and linked, the names of the farm inodes made and how many of\n"
+"those are adopted objects.");
 
 static PyObject *place_files(PyObject *self, PyObject *args) {
     Py_buffer view, key;
@@ -753,11 +789,11 @@ static PyObject *place_files(PyObject *self, PyObject *args) {
     split_src sp;
     opts o = {0};
     o.no_clone = &no_clone;
-    if (!PyArg_ParseTuple(args, "y*nO!O!nO!O!O!pLLIO!nipiy*", &view, &pos, &PyDict_Type, &dirs,
-                          &PyList_Type, &stale, &limit, &PyDict_Type, &hashes, &PySet_Type,
-                          &paths, &PyDict_Type, &dir_meta, &o.rootless, &o.euid, &o.egid,
-                          &o.umask, &PyList_Type, &sp.files, &sp.fi, &o.objects_fd,
-                          &o.copy_only, &o.farm_fd, &key))
+    if (!PyArg_ParseTuple(args, "y*nO!O!nO!O!O!pLLIO!nipiy*p", &view, &pos, &PyDict_Type,
+                          &dirs, &PyList_Type, &stale, &limit, &PyDict_Type, &hashes,
+                          &PySet_Type, &paths, &PyDict_Type, &dir_meta, &o.rootless, &o.euid,
+                          &o.egid, &o.umask, &PyList_Type, &sp.files, &sp.fi, &o.objects_fd,
+                          &o.copy_only, &o.farm_fd, &key, &o.adopt))
         return NULL;
     o.farm_key = key.buf;
     o.farm_key_len = key.len;
@@ -770,9 +806,9 @@ static PyObject *place_files(PyObject *self, PyObject *args) {
     else if (out.parents != NULL && out.farm_made != NULL &&
              run_batches(view.buf, view.len, &pos, dirs, stale, limit, hashes, paths,
                          dir_meta, &o, &sp, &need, &out) == 0)
-        result = Py_BuildValue("nnnLOnnLLLO", pos, out.entries, out.files, out.nbytes,
+        result = Py_BuildValue("nnnLOnnLLLOL", pos, out.entries, out.files, out.nbytes,
                                out.parents, need, sp.fi, out.cloned, out.copied, out.linked,
-                               out.farm_made);
+                               out.farm_made, out.adopted);
     Py_XDECREF(out.parents);
     Py_XDECREF(out.farm_made);
     PyBuffer_Release(&view);

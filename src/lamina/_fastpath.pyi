@@ -15,5 +15,5 @@ def place_files(buf: bytes, pos: int, dirs: dict[str, tuple[int, str]], stale: l
                 limit: int, hashes: dict[str, bytes], layer_paths: set[str],
                 dir_meta: dict[str, tuple[int, int]], rootless: bool, euid: int, egid: int,
                 umask: int, files: list[Any], fi: int, objects_fd: int, copy_only: bool,
-                farm_fd: int, farm_key: bytes, /) -> tuple[
-                    int, int, int, int, list[str], int, int, int, int, int, list[str]]: ...
+                farm_fd: int, farm_key: bytes, adopt: bool, /) -> tuple[
+                    int, int, int, int, list[str], int, int, int, int, int, list[str], int]: ...

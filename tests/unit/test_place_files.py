@@ -120,7 +120,8 @@ def test_compiled_and_python_paths_agree(tmp_path: Path, store: Store,
             sorted(os.listdir(tmp_path / "farms-slow/0"))
         same = {os.stat(tmp_path / f"fast/usr/share/same{i}").st_ino for i in range(40)}
         assert len(same) == 1
-        assert os.stat(tmp_path / "fast/usr/lib/f0005").st_nlink == 2   # bundle + farm
+        # bundle + farm (+ the store's name where the object's inode was adopted)
+        assert os.stat(tmp_path / "fast/usr/lib/f0005").st_nlink in (2, 3)
     apply_layers(tmp_path / "want", *layers, rootless=rootless)
     diff = diff_manifests(_manifest(tmp_path / "want"), _manifest(tmp_path / "fast"),
                           ignore_root=True, ignore_fields={"link_group"} if link else (),

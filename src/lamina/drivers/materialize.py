@@ -28,6 +28,14 @@ How a file gets its content (:data:`Placement`):
     (same content and metadata) of one layer become one inode, so ``link``
     rootfs have more hardlinks than the image's tar says.
 
+    Where the filesystem cannot share extents (ext4), a farm inode would be a
+    second copy of the object's data.  There the object's own inode is
+    *adopted*: hardlinked into the farm and given the entry's owner, mode and
+    mtime (an object is content only: its metadata is nobody's), when nothing
+    else links it (``st_nlink`` 1: no other farm, bundle or store shares it)
+    and the entry has no xattrs.  The store then holds the data once for the
+    objects and every read-only bundle together.
+
 Tree records (:func:`record_tree`, :meth:`StoreRootfsWriter.replay`): once a
 chain's rootfs is built, the final tree (every real path with its type,
 metadata, xattrs and content source) is what any later rootfs of that chain
@@ -83,12 +91,14 @@ class PlaceStats:
     copied: int = 0             # files whose bytes were copied
     linked: int = 0             # files hardlinked to a farm inode
     farm_new: int = 0           # farm inodes made (the rest were already there)
+    adopted: int = 0            # of those, store objects' own inodes (no reflinks here)
 
     def add(self, o: PlaceStats) -> None:
         self.cloned += o.cloned
         self.copied += o.copied
         self.linked += o.linked
         self.farm_new += o.farm_new
+        self.adopted += o.adopted
 
 
 _SPLIT_READ = 256 << 10      # metadata handed to the tar parser per read: many headers
@@ -178,6 +188,28 @@ class SplitTarReader(TarReader):
             yield entry
 
 
+def reflinks(dirfd: int) -> bool:
+    """Whether the filesystem of *dirfd* shares extents (FICLONE between two empty
+    probe files in it)."""
+    names = [f".reflink-probe-{os.getpid()}-{i}" for i in (0, 1)]
+    fds: list[int] = []
+    try:
+        for n in names:
+            fds.append(os.open(n, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                               dir_fd=dirfd))
+        fcntl.ioctl(fds[1], FICLONE, fds[0])
+        return True
+    except OSError as e:
+        if e.errno in _NO_CLONE:
+            return False
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for n in names[:len(fds)]:
+            os.unlink(n, dir_fd=dirfd)
+
+
 def object_digest(chunk: Chunk) -> bytes | None:
     """The sha256 a store object's name (``ab/cdef...``) stands for; None for a
     name that is not a digest (a split made elsewhere)."""
@@ -250,6 +282,7 @@ class StoreRootfsWriter(RootfsWriter):
         self._farm_writer: StoreRootfsWriter | None = None
         self._farm_names: set[str] = set()
         self._split: SplitTarReader | None = None     # the layer being applied
+        self._adopt: bool | None = None     # farm inodes are objects (no reflinks)
         self.xattr_paths: set[str] = set()   # where xattrs were set: read back by records
         self.recordable = True      # every file's content is a store object (or empty)
 
@@ -265,6 +298,8 @@ class StoreRootfsWriter(RootfsWriter):
             self._farm_fd = self._farm_writer.root_fd
             # one listing instead of a stat per file (inodes are only ever added)
             self._farm_names = set(os.listdir(self._farm_fd))
+            if self._adopt is None:
+                self._adopt = not reflinks(self._farm_fd)
 
     def close(self) -> None:
         self.set_farm(None)
@@ -288,12 +323,14 @@ class StoreRootfsWriter(RootfsWriter):
         copy_only = self.placement == "copy"
         farm_fd = self._farm_fd if self._farm_writer is not None else -1
         key = self._farm_key
+        adopt = bool(self._adopt) and farm_fd >= 0
 
         def fast(buf: bytes, pos: int) -> tuple[int, int]:
             (pos, entries, files, nbytes, parents, need, r.fi, cloned, copied, linked,
-             made) = place(buf, pos, self._dirs, self._stale, _FD_CACHE, self.hashes,
-                           layer.paths, self.dir_meta, rootless, euid, egid, umask, r.files,
-                           r.fi, self.objects_fd, copy_only, farm_fd, key)
+             made, adopted) = place(buf, pos, self._dirs, self._stale, _FD_CACHE, self.hashes,
+                                    layer.paths, self.dir_meta, rootless, euid, egid, umask,
+                                    r.files, r.fi, self.objects_fd, copy_only, farm_fd, key,
+                                    adopt)
             if entries:
                 stats.entries += entries
                 stats.files += files
@@ -304,6 +341,7 @@ class StoreRootfsWriter(RootfsWriter):
                 self.place.linked += linked
                 if made:
                     self.place.farm_new += len(made)
+                    self.place.adopted += adopted
                     self._farm_names.update(made)
                 for p in parents:
                     layer.mark_parent(p)
@@ -401,14 +439,45 @@ class StoreRootfsWriter(RootfsWriter):
         # half-made inode that a later bundle would link
         assert self._farm_writer is not None
         tmp = f".{fname}.{os.getpid()}"
-        with _quiet_unlink(self._farm_fd, tmp):
-            self._farm_writer._apply_entry(replace(e, name=tmp), reader, self._farm_fd, tmp,
-                                           tmp, LayerStats())
-        self._farm_writer._layer.paths.discard(tmp)
+        if self._adopt and self._adopt_object(e, chunk, tmp):
+            self.place.adopted += 1
+        else:
+            with _quiet_unlink(self._farm_fd, tmp):
+                self._farm_writer._apply_entry(replace(e, name=tmp), reader, self._farm_fd,
+                                               tmp, tmp, LayerStats())
+            self._farm_writer._layer.paths.discard(tmp)
         os.rename(tmp, fname, src_dir_fd=self._farm_fd, dst_dir_fd=self._farm_fd)
         self._farm_names.add(fname)
         self.place.farm_new += 1
         return fname
+
+    def _adopt_object(self, e: TarEntry, chunk: Chunk, tmp: str) -> bool:
+        """Make the object's inode the farm inode *tmp* (see the module docstring);
+        False when it is not ours alone or the entry needs xattrs."""
+        if e.xattrs or (self.opts.rootless and (e.uid or e.gid)):
+            return False    # (rootless ownership is an xattr too)
+        assert chunk.name is not None and self._farm_writer is not None
+        ffd = self._farm_fd
+        try:
+            os.link(chunk.name, tmp, src_dir_fd=self.objects_fd, dst_dir_fd=ffd,
+                    follow_symlinks=False)
+        except OSError:
+            return False
+        with _quiet_unlink(ffd, tmp):
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ffd)
+            try:
+                st = os.fstat(fd)
+                # linked after the check by another farm builder: nlink 3, it backs off
+                if (st.st_nlink != 2 or st.st_uid != self._euid or not stat.S_ISREG(st.st_mode)
+                        or st.st_size != chunk.size):
+                    os.unlink(tmp, dir_fd=ffd)
+                    return False
+                self._farm_writer._chown(tmp, e.uid, e.gid, fd)
+                os.fchmod(fd, e.mode)   # after chown, which clears setuid bits
+                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            finally:
+                os.close(fd)
+        return True
 
     def _write_file(self, e: TarEntry, reader: TarReader, fd: int, real: str,
                     stats: LayerStats) -> None:

@@ -18,6 +18,9 @@ Which placement a bundle gets:
   all of them (and for later unpacks), which is why ``link`` is only used for
   read-only bundles: the runtime config says ``root.readonly``.  Removing a
   farm (``lamina gc``) never breaks a bundle: its links keep the inodes.
+  Without reflinks (ext4) a farm inode is the store object's own inode where
+  nothing else links it (see :mod:`lamina.drivers.materialize`): the data is
+  then stored once for the store and all its read-only bundles.
 * the image annotation (or ``--annotation``) ``org.lamina.objects.placement``
   = ``clone``, ``copy`` or ``link`` overrides the choice (``link`` still
   needs a read-only bundle).
@@ -165,7 +168,8 @@ class ObjectsDriver(Driver):
                                          {"placement": placement,
                                           "cloned": writer.place.cloned,
                                           "copied": writer.place.copied,
-                                          "linked": writer.place.linked})
+                                          "linked": writer.place.linked,
+                                          "adopted": writer.place.adopted})
                 finally:
                     if self._writer is not None:
                         self._writer.close()
