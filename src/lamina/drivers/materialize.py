@@ -464,7 +464,8 @@ class StoreRootfsWriter(RootfsWriter):
         except OSError:
             return False
         with _quiet_unlink(ffd, tmp):
-            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ffd)
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=ffd)
             try:
                 st = os.fstat(fd)
                 # linked after the check by another farm builder: nlink 3, it backs off
