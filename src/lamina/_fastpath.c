@@ -123,6 +123,15 @@ static int take_chunk(split_src *sp, member *m) {
         return -1;
     if (n != m->size)
         return 0;
+    PyObject *dix = PyObject_GetAttrString(c, "dirfd_index");
+    if (dix == NULL)
+        return -1;
+    long ix = PyLong_AsLong(dix);
+    Py_DECREF(dix);
+    if (ix == -1 && PyErr_Occurred())
+        return -1;
+    if (ix != 0)
+        return 0;   /* not below objects/: Python's open_ref judges it */
     PyObject *name = PyObject_GetAttrString(c, "name");
     if (name == NULL)
         return -1;

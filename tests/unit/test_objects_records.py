@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.drivers import materialize
+from lamina.drivers import materialize, objects
 from lamina.drivers.base import ChainLayer, ClaimRequest
 from lamina.drivers.materialize import (
     StoreRootfsWriter,
@@ -40,6 +40,12 @@ from lamina.testing.tree import diff_manifests, tree_manifest
 pytestmark = pytest.mark.skipif(not records_enabled(), reason="fast path not built here")
 
 ROOT = os.geteuid() == 0
+
+
+@pytest.fixture(autouse=True)
+def record_every_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # these layers are small: record them anyway (one test checks the threshold)
+    monkeypatch.setattr(objects, "RECORD_MIN", 0)
 
 
 @pytest.fixture
@@ -301,3 +307,17 @@ def test_damaged_record_file_is_made_again(tmp_path: Path, store: Store) -> None
     store.remove_ref("img:b")
     store.gc()
     assert store.extraction(TREES, top) is None and not os.path.exists(ex.path)
+
+
+def test_small_layers_on_a_recorded_prefix_are_not_recorded(tmp_path: Path, store: Store,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    _images(tmp_path, store)
+    monkeypatch.setattr(objects, "RECORD_MIN", 20)   # lower: 25 entries, the rest: a few each
+    _prepare(store, "img:a", tmp_path / "a1")
+    chains = [x.chain_id for x in store.image("img:a").layers]
+    assert [store.extraction(TREES, c) is not None for c in chains] == [True, False, False]
+    again = _prepare(store, "img:a", tmp_path / "a2")
+    assert again.reused == 1            # the lower layer's record; the rest applied again
+    assert diff_manifests(_manifest(tmp_path / "a1/rootfs"), _manifest(tmp_path / "a2/rootfs"),
+                          ignore_root=True) == []

@@ -454,7 +454,7 @@ class StoreRootfsWriter(RootfsWriter):
     def _adopt_object(self, e: TarEntry, chunk: Chunk, tmp: str) -> bool:
         """Make the object's inode the farm inode *tmp* (see the module docstring);
         False when it is not ours alone or the entry needs xattrs."""
-        if e.xattrs or (self.opts.rootless and (e.uid or e.gid)):
+        if e.xattrs or (self.opts.rootless and (e.uid or e.gid)) or chunk.dirfd_index:
             return False    # (rootless ownership is an xattr too)
         assert chunk.name is not None and self._farm_writer is not None
         ffd = self._farm_fd
@@ -604,34 +604,35 @@ def record_tree(writer: StoreRootfsWriter, rows: Mapping[str, tuple[object, ...]
     root_fd = writer.root_fd
     farm_ino = farm_inodes(farms) if farms else {}
     xpaths = writer.xattr_paths
+    dir_meta = writer.dir_meta
     dirs: list[RecordEntry] = []
-    others: list[tuple[str, str, RecordEntry]] = []
+    groups: dict[str, list[RecordEntry]] = {}   # parent -> its non-directories
     links: list[RecordEntry] = []
     first: dict[int, str] = {}
+    r: Any
     for path in sorted(rows):
         r = rows[path]
-        t, st_mode, uid, gid, size, mtime, ino, extra = (
-            r[1], r[2], r[3], r[4], r[5], r[6], r[8], r[9])
-        assert isinstance(t, str) and isinstance(st_mode, int) and isinstance(uid, int)
-        assert isinstance(gid, int) and isinstance(size, int) and isinstance(mtime, int)
-        assert isinstance(ino, int)
+        t = r[1]
         xattrs = _xattrs_of(root_fd, path) if path in xpaths else ()
-        digest = extra if t == "f" and isinstance(extra, bytes) and len(extra) == 32 else None
         if t == "d":
-            meta = writer.dir_meta.get(path)
+            meta = dir_meta.get(path)
             if meta is None:
                 if not path:
                     continue    # the root keeps what prepare made: no layer set it
                 return None
-            dirs.append(("d", path, meta[0], uid, gid, meta[1], xattrs, None, 0, None))
+            dirs.append(("d", path, meta[0], r[3], r[4], meta[1], xattrs, None, 0, None))
             continue
+        ino, extra = r[8], r[9]
+        digest = extra if t == "f" and type(extra) is bytes and len(extra) == 32 else None
         if ino in first and ino not in farm_ino:
             links.append(("h", path, 0, 0, 0, 0, (), first[ino], 0, digest))
             continue
         first[ino] = path
-        mode = stat.S_IMODE(st_mode)
+        mode = r[2] & 0o7777
         src: object = None
+        size = 0
         if t == "f":
+            size = r[5]
             if ino in farm_ino:
                 src = farm_ino[ino]
             elif size and digest is None:
@@ -643,11 +644,14 @@ def record_tree(writer: StoreRootfsWriter, rows: Mapping[str, tuple[object, ...]
             src = os.lstat(f"/proc/self/fd/{root_fd}/{path}").st_rdev
         elif t != "p":
             return None
-        parent, _, name = path.rpartition("/")
-        others.append((parent, name, (t, path, mode, uid, gid, mtime, xattrs, src,
-                                      size if t == "f" else 0, digest)))
-    others.sort(key=lambda o: (o[0], o[1]))
-    return dirs + [o[2] for o in others] + links
+        e = (t, path, mode, r[3], r[4], r[6], xattrs, src, size, digest)
+        parent = path.rpartition("/")[0]
+        g = groups.get(parent)
+        if g is None:
+            groups[parent] = [e]
+        else:
+            g.append(e)
+    return dirs + [e for g in groups.values() for e in g] + links
 
 
 @dataclass

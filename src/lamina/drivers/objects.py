@@ -28,14 +28,16 @@ Which placement a bundle gets:
 Links and clones need the bundle on the store's filesystem; elsewhere files
 are copied (``link`` falls back to ``clone``, which copies).
 
-Tree records (with the compiled fast path): after each layer, the tree built so
+Tree records (with the compiled fast path): after a layer, the tree built so
 far is recorded for its chain id (``STORE/extract/objects-tree/<chain id>/``,
 one file per option set: placement kind, rootless, id maps, keep-dirlinks), once
-per chain.  A later unpack replays the record of the longest recorded prefix of
-its chain (:meth:`StoreRootfsWriter.replay`) and applies only the layers above
-it from their tar-splits: an image whose lower layers were unpacked before
-reads no tar-split for them.  Records are a cache: checksummed, made again
-when damaged, removed by ``lamina gc`` with their chain.
+per chain, when at least :data:`RECORD_MIN` entries were applied since the
+deepest record (a small layer on a recorded prefix is applied again instead).
+A later unpack replays the record of the longest recorded prefix of its chain
+(:meth:`StoreRootfsWriter.replay`) and applies only the layers above it from
+their tar-splits: an image whose lower layers were unpacked before reads no
+tar-split for them.  Records are a cache: checksummed, made again when damaged,
+removed by ``lamina gc`` with their chain.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
 
 NAME = "objects"
 TREES = "objects-tree"      # the extraction namespace of tree records
+RECORD_MIN = 1000           # entries applied above the deepest record before a new one
 PLACEMENT_ANNOTATION = "org.lamina.objects.placement"
 PLACEMENTS = ("clone", "copy", "link")
 
@@ -148,18 +151,23 @@ class ObjectsDriver(Driver):
                     done = self._replay(key, warn) if key is not None else 0
                     writer = self._writer   # a failed replay starts over with a new one
                     n = len(req.chain)
+                    since = 0       # entries applied since the last record
                     for i, layer in enumerate(req.chain):
                         if i >= done and not self.try_skip(layer):
+                            before = self._stats.entries
                             self.extract(layer, i)
+                            since += self._stats.entries - before
                         if progress is not None:
                             progress.advance(layer.desc.size)
                             progress.layer_done(i)
-                        if (key is not None and done <= i < n - 1 and writer.recordable
-                                and not self._has_tree(i, key)):
+                        if self._want_tree(key, i, since) and i < n - 1:
+                            assert key is not None
                             self._save_tree(i, key, take_snapshot(rootfs, writer.hashes),
                                             warnings)
+                            since = 0
                     snap = take_snapshot(rootfs, writer.hashes)
-                    if key is not None and done < n and not self._has_tree(n - 1, key):
+                    if self._want_tree(key, n - 1, since):
+                        assert key is not None
                         self._save_tree(n - 1, key, snap, warnings)
                     for path, st in writer.finish().items():
                         snap[path] = snapshot_row(path, "d", st, "")
@@ -193,6 +201,15 @@ class ObjectsDriver(Driver):
     def _record_path(self, index: int, key: str) -> str | None:
         ex = self._store.extraction(TREES, self.req.chain[index].chain_id)
         return None if ex is None else os.path.join(ex.path, f"{key}.tree")
+
+    def _want_tree(self, key: str | None, index: int, since: int) -> bool:
+        """Whether to record the tree after layer *index*: a chain not recorded yet,
+        built from store objects, that took real work above the deepest record (a
+        few entries on a recorded prefix are cheaper to apply again than a record
+        of the whole tree is to write)."""
+        w = self._writer
+        return (key is not None and w is not None and w.recordable and since >= RECORD_MIN
+                and not self._has_tree(index, key))
 
     def _has_tree(self, index: int, key: str) -> bool:
         path = self._record_path(index, key)
