@@ -141,11 +141,15 @@ def _layer_rows(store: Path) -> list[tuple[object, ...]]:
 
 
 @pytest.mark.root
-def test_trusted_copy_records_what_a_verified_one_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_trusted_copy_records_what_a_verified_one_does(tmp_path: Path, compiled: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The trusted copy takes a layer's objects and sizes from the source index
     instead of scanning its tar-split; the index it writes must be the one a full
-    verification writes.  A source objects directory others may write to is not
-    linked unchecked: every object is stat'ed (still linked: ours, same fs)."""
+    verification writes, with the compiled linker and without it.  A source
+    objects directory others may write to is not linked unchecked: every object
+    is stat'ed (still linked: ours, same fs)."""
+    monkeypatch.setenv("LAMINA_NO_FASTPATH", "0" if compiled else "1")
     tars = _layers(big=MiB, n_big=2)
     build_image(str(tmp_path / "lay"), "v1", tars)
     a = tmp_path / "a"
@@ -153,6 +157,7 @@ def test_trusted_copy_records_what_a_verified_one_does(tmp_path: Path) -> None:
     trusted = _json(["copy", f"store:{a}:app:v1", f"store:{tmp_path / 'b'}"])
     verified = _json(["copy", "--verify", f"store:{a}:app:v1", f"store:{tmp_path / 'c'}"])
     assert not trusted["verified"] and verified["verified"]
+    assert trusted["linked_bytes"] >= 2 * MiB and trusted["copied_bytes"] < 64 << 10
     assert _layer_rows(tmp_path / "b") == _layer_rows(tmp_path / "c") == _layer_rows(a)
     os.chmod(a / "objects", 0o770)     # group-writable: objects checked one by one
     res = _json(["copy", f"store:{a}:app:v1", f"store:{tmp_path / 'd'}"])

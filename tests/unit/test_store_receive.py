@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Iterator
@@ -213,3 +214,28 @@ def test_put_image_needs_its_layers(src: tuple[Store, list[bytes]], dst: Store) 
     with pytest.raises(DigestMismatchError):
         dst.put_image("app:v1", s.read_blob(img.manifest.digest), b"{}")
     assert dst.images() == []
+
+
+def test_compiled_link_objects(tmp_path: Path) -> None:
+    """The compiled linker: 0 linked, EEXIST present, ENOENT missing; bad digests refused."""
+    _fastpath = pytest.importorskip("lamina._fastpath")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    have, gone = "ab" + "1" * 62, "cd" + "2" * 62
+    (src / "ab").mkdir(parents=True)
+    (src / "ab" / have[2:]).write_bytes(b"x")
+    for i in range(256):
+        (dst / f"{i:02x}").mkdir(parents=True)
+    sfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    fds = [os.open(dst / f"{i:02x}", os.O_RDONLY | os.O_DIRECTORY) for i in range(256)]
+    try:
+        assert _fastpath.link_objects(sfd, fds, [have, gone]) == [0, errno.ENOENT]
+        assert os.stat(dst / "ab" / have[2:]).st_ino == os.stat(src / "ab" / have[2:]).st_ino
+        assert _fastpath.link_objects(sfd, fds, [have]) == [errno.EEXIST]
+        for bad in ("AB" + "1" * 62, "ab/" + "1" * 61, "ab" * 31):
+            with pytest.raises(ValueError):
+                _fastpath.link_objects(sfd, fds, [bad])
+        with pytest.raises(ValueError):
+            _fastpath.link_objects(sfd, fds[:255], [have])
+    finally:
+        for fd in [sfd, *fds]:
+            os.close(fd)
