@@ -75,6 +75,9 @@ class Case:
         self.disk: int | None = None        # store + 3 bundles
         self.blobs: int | None = None       # the store's blobs (part of disk)
         self.copy_disk: int | None = None   # 3 lamina unpack copies on this fs kind
+        self.parts: dict[str, int] = {}     # the store's parts (du, hardlinks once)
+        self.floor: dict[tuple[str, int], float | None] = {}   # (op, threads) -> us/entry
+        self.near_tree: tuple[int, int] | None = None   # near's rootfs: (files, dirs)
         self.error = ""
 
 
@@ -88,6 +91,26 @@ def used(mnt: Path) -> int:
     os.sync()
     s = os.statvfs(mnt)
     return (s.f_blocks - s.f_bfree) * s.f_frsize
+
+
+STORE_PARTS = (("objects", "objects"), ("tar-splits", "layers"), ("index db", "lamina.db*"),
+               ("extract (farms, tree records)", "extract"))
+
+
+def store_parts(store: Path) -> dict[str, int]:
+    """Allocated bytes of each part of STORE, from ONE du run so that an inode linked
+    from two parts (an ext4 farm inode that is an adopted object) counts once, in
+    the first."""
+    paths: list[tuple[str, Path]] = []
+    for label, pat in STORE_PARTS:
+        paths += [(label, p) for p in sorted(store.glob(pat))]
+    out = subprocess.run(["du", "-sB1", *(str(p) for _, p in paths)], capture_output=True,
+                         text=True, check=False).stdout.splitlines()
+    sizes = {ln.split("\t", 1)[1]: int(ln.split("\t", 1)[0]) for ln in out if "\t" in ln}
+    parts: dict[str, int] = {}
+    for label, p in paths:
+        parts[label] = parts.get(label, 0) + sizes.get(str(p), 0)
+    return parts
 
 
 def tree_blocks(path: Path) -> int:
@@ -166,14 +189,53 @@ def run_case(c: Case, lamina: list[str], layout: Path, mnt: Path) -> None:
                              store=store, read_only=ro)
     c.disk = used(mnt) - before
     c.blobs = tree_blocks(store / "blobs")
+    c.parts = store_parts(store)
     c.times["hot"] = unpack(lamina, _stored_name(layout, "app"),
                             mnt / "b-app2", driver=c.driver, store=store, read_only=ro)
     # a second image sharing all but a tiny top layer (an opaque directory)
     c.times["near"] = unpack(lamina, f"{layout}:app-opaque", mnt / "b-near", driver=c.driver,
                              store=store, read_only=ro)
+    c.near_tree = count_tree(mnt / "b-near" / "rootfs")
+    if c.driver == "objects" and c.fs not in _FLOOR_DONE:
+        _FLOOR_DONE.add(c.fs)
+        c.floor = clone_floor(store / "objects", mnt / "floor")
+        remove_tree(mnt / "floor")
     for b in ("b-base", "b-py", "b-app", "b-app2", "b-near"):
         remove_bundle(lamina, mnt / b, c.driver, store)
     remove_tree(store)
+
+
+_FLOOR_DONE: set[str] = set()         # one floor per filesystem kind
+FLOOR_N = 20000
+FLOOR_OPS = ("create", "clone", "clone+meta", "link", "mkdir")
+
+
+def clone_floor(objects: Path, dest: Path) -> dict[tuple[str, int], float | None]:
+    """bench/clone_floor.c on this filesystem: the kernel's microseconds per entry for
+    each operation, with 1 and 2 threads ({} without a C compiler)."""
+    exe = Path(tempfile.gettempdir()) / f"lamina-clone-floor-{os.getpid()}"
+    if not exe.exists():
+        r = subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "bench/clone_floor.c"),
+                            "-lpthread"], capture_output=True, check=False)
+        if r.returncode != 0:
+            return {}
+    out: dict[tuple[str, int], float | None] = {}
+    for threads in (1, 2):
+        remove_tree(dest)
+        r = subprocess.run([str(exe), str(objects), str(dest), str(FLOOR_N), str(threads)],
+                           capture_output=True, text=True, check=False)
+        for ln in r.stdout.splitlines():
+            op, t, _n, _secs, us = ln.split()
+            out[(op, int(t))] = None if us == "-" else float(us)
+    return out
+
+
+def count_tree(root: Path) -> tuple[int, int]:
+    files = dirs = 0
+    for _dirpath, dnames, fnames in os.walk(root):
+        dirs += len(dnames)
+        files += len(fnames)     # (symlinks and the rest too: each is one entry made)
+    return files, dirs
 
 
 def _stored_name(layout: Path, tag: str) -> str:
@@ -262,8 +324,66 @@ def render(cases: Sequence[Case], copies: dict[str, tuple[RunResult, int]],
     lines.append(md_table(["fs", "driver", "3 copies", "store + bundles", "ratio",
                            "store blobs", "ratio with blobs"], rows,
                           [False, False, True, True, True, True, True]))
+    rows = []
+    for c in cases:
+        if c.disk is None or not c.parts or c.driver != "objects":
+            continue
+        rest = c.disk - (c.blobs or 0) - sum(c.parts.values())
+        rows.append([c.fs, c.driver + (" --read-only" if c.read_only else ""),
+                     *(_mb(c.parts.get(label, 0)) for label, _ in STORE_PARTS), _mb(rest),
+                     _mb(c.disk - (c.blobs or 0))])
+    if rows:
+        lines += ["", "Where the objects rows' \"store + bundles\" goes (du of the store's "
+                  "parts in one run, so an inode linked from two parts counts once; "
+                  "\"bundles and fs metadata\" is the statvfs total minus those: the "
+                  "bundles' inodes, directories and own blocks, plus the filesystem's "
+                  "inodes for the store's files).", "",
+                  md_table(["fs", "driver", *(label for label, _ in STORE_PARTS),
+                            "bundles and fs metadata", "total"], rows,
+                           [False, False, *[True] * (len(STORE_PARTS) + 2)])]
+    lines += floor_lines(cases)
     lines += ["", *targets(cases)]
     return "\n".join(lines) + "\n"
+
+
+def floor_lines(cases: Sequence[Case]) -> list[str]:
+    """The kernel floor (bench/clone_floor.c) and what it implies for `near`."""
+    measured = [c for c in cases if c.floor]
+    if not measured:
+        return []
+
+    def us(c: Case, op: str, t: int) -> str:
+        v = c.floor.get((op, t))
+        return f"{v:.1f}" if v is not None else "—"
+
+    rows = [[c.fs, *(f"{us(c, op, 1)} / {us(c, op, 2)}" for op in FLOOR_OPS)]
+            for c in measured]
+    lines = ["", "Kernel floor, microseconds per entry with 1 / 2 threads "
+             f"(`bench/clone_floor.c`: {FLOOR_N:,} store objects on the same loop "
+             "filesystem, no lamina; create = empty file, clone = create + open the object + "
+             "FICLONE, clone+meta = clone + fchown, fchmod, futimens as a replay does, link = "
+             "linkat of the object, mkdir).", "",
+             md_table(["fs", *FLOOR_OPS], rows, [False, *[True] * len(FLOOR_OPS)])]
+    notes = []
+    for c in cases:
+        floor = next((m for m in measured if m.fs == c.fs), None)
+        cold, near = c.times.get("cold"), c.times.get("near")
+        if floor is None or c.near_tree is None or cold is None or near is None:
+            continue
+        op = "link" if c.read_only else "clone+meta"
+        per_file, per_dir = floor.floor.get((op, 2)), floor.floor.get(("mkdir", 1))
+        if per_file is None or per_dir is None:
+            continue    # copies (ext4, writable): bounded by the data, not per file
+        files, dirs = c.near_tree
+        secs = (files * per_file + dirs * per_dir) / 1e6
+        notes.append(f"{c.driver}{' --read-only' if c.read_only else ''} on {c.fs}: near's "
+                     f"rootfs has {files:,} non-directories and {dirs:,} directories; "
+                     f"making them costs the kernel at least {secs:.2f} s ({op} on 2 "
+                     f"threads, mkdir on 1) = {secs / cold.seconds:.2f}x cold "
+                     f"(measured near: {near.seconds:.2f} s)")
+    if notes:
+        lines += ["", "What the floor allows for `near`: " + "; ".join(notes) + "."]
+    return lines
 
 
 def targets(cases: Sequence[Case]) -> list[str]:
