@@ -841,121 +841,288 @@ static char type_code(mode_t m) {
 
 static long long ns(struct timespec t) { return (long long)t.tv_sec * 1000000000LL + t.tv_nsec; }
 
-/* Rows of every entry beneath dfd (which this consumes), paths prefixed by prefix. */
-static int walk_dir(int dfd, PyObject *prefix, PyObject *hashes, PyObject *rows, int depth) {
-    if (depth > MAX_WALK_DEPTH) {   /* hostile nesting: Python's iterative walk copes */
-        close(dfd);
-        PyErr_SetString(PyExc_RecursionError, "directory tree too deep for the fast walk");
+/* The walk runs on two threads without the GIL (a rootfs is tens of thousands of
+ * fstatat calls, mostly kernel time), collecting raw entries; rows are built after. */
+typedef struct {
+    char *path;              /* rootfs-relative (malloc) */
+    size_t plen;
+    struct stat st;
+    char *link;              /* a symlink's target (malloc), else NULL */
+    size_t llen;
+} went;
+
+typedef struct {
+    went *v;
+    size_t n, cap;
+} wlist;
+
+typedef struct {
+    int fd;                  /* the open directory (consumed by its reader) */
+    char *path;              /* its rootfs-relative path (malloc; "" for the root) */
+    size_t plen;
+    int depth;
+} wdir;
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    wdir *stack;             /* directories not read yet */
+    size_t n, cap;
+    int active;              /* directories being read */
+    int err;                 /* errno of the first failure (-1: too deep) */
+    char *errpath;
+} wshared;
+
+typedef struct {
+    wshared *sh;
+    wlist out;
+    wdir *subs;              /* subdirectories found in the directory being read */
+    size_t nsubs, capsubs;
+} wworker;
+
+static int grow(void **v, size_t *cap, size_t need, size_t size) {
+    if (need <= *cap)
+        return 0;
+    size_t c = *cap ? *cap * 2 : 256;
+    while (c < need)
+        c *= 2;
+    void *n = realloc(*v, c * size);
+    if (n == NULL)
         return -1;
+    *v = n;
+    *cap = c;
+    return 0;
+}
+
+static char *join_path(const char *dir, size_t dlen, const char *name, size_t *plen) {
+    size_t nlen = strlen(name);
+    char *p = malloc(dlen + 1 + nlen + 1);
+    if (p == NULL)
+        return NULL;
+    if (dlen) {
+        memcpy(p, dir, dlen);
+        p[dlen] = '/';
+        memcpy(p + dlen + 1, name, nlen + 1);
+        *plen = dlen + 1 + nlen;
+    } else {
+        memcpy(p, name, nlen + 1);
+        *plen = nlen;
     }
-    DIR *d = fdopendir(dfd);
-    if (d == NULL) {
-        close(dfd);
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
+    return p;
+}
+
+/* Read one directory: its entries into w->out, its subdirectories (opened) into
+ * w->subs.  Returns 0, or an errno (-1: nesting too deep) with *where set. */
+static int read_dir(wworker *w, wdir *d, char **where) {
+    DIR *dir = fdopendir(d->fd);
+    if (dir == NULL) {
+        int e = errno;
+        close(d->fd);
+        *where = strdup(d->path);
+        return e;
     }
     int rc = 0;
-    struct dirent *de;
     for (;;) {
         errno = 0;
-        de = readdir(d);
+        struct dirent *de = readdir(dir);
         if (de == NULL) {
             if (errno) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                rc = -1;
+                rc = errno;
+                *where = strdup(d->path);
             }
             break;
         }
         const char *n = de->d_name;
         if (n[0] == '.' && (n[1] == '\0' || (n[1] == '.' && n[2] == '\0')))
             continue;
-        struct stat st;
-        if (fstatat(dirfd(d), n, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            rc = -1;
+        went e = {0};
+        e.path = join_path(d->path, d->plen, n, &e.plen);
+        if (e.path == NULL || grow((void **)&w->out.v, &w->out.cap, w->out.n + 1, sizeof(went)) < 0) {
+            free(e.path);
+            rc = ENOMEM;
             break;
         }
-        PyObject *name = PyUnicode_DecodeFSDefault(n);
-        PyObject *path = name == NULL ? NULL
-            : PyUnicode_GET_LENGTH(prefix) ? PyUnicode_FromFormat("%U/%U", prefix, name)
-                                           : Py_NewRef(name);
-        Py_XDECREF(name);
-        if (path == NULL) {
-            rc = -1;
+        if (fstatat(dirfd(dir), n, &e.st, AT_SYMLINK_NOFOLLOW) < 0) {
+            rc = errno;
+            *where = e.path;
             break;
         }
-        char t = type_code(st.st_mode);
-        PyObject *extra;
-        if (t == 'f') {
-            extra = PyDict_GetItemWithError(hashes, path);
-            extra = extra ? Py_NewRef(extra) : PyErr_Occurred() ? NULL : PyBytes_FromString("");
-        } else if (t == 'l') {
-            static char buf[PATH_MAX + 1];   /* the GIL is held throughout */
-            ssize_t k = readlinkat(dirfd(d), n, buf, PATH_MAX);
-            extra = k < 0 ? PyErr_SetFromErrno(PyExc_OSError)
-                          : PyUnicode_DecodeFSDefaultAndSize(buf, k);
-        } else {
-            extra = PyUnicode_FromString("");
-        }
-        PyObject *row = extra == NULL ? NULL : Py_BuildValue(
-            "(OC" "IIILLLKO)", path, (int)t, (unsigned)st.st_mode, (unsigned)st.st_uid,
-            (unsigned)st.st_gid, (long long)st.st_size, ns(st.st_mtim), ns(st.st_ctim),
-            (unsigned long long)st.st_ino, extra);
-        Py_XDECREF(extra);
-        if (row == NULL || PyList_Append(rows, row) < 0) {
-            Py_XDECREF(row);
-            Py_DECREF(path);
-            rc = -1;
-            break;
-        }
-        Py_DECREF(row);
-        if (t == 'd') {
-            int sub = openat(dirfd(d), n, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-            if (sub < 0) {
-                PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
-                Py_DECREF(path);
-                rc = -1;
+        if (S_ISLNK(e.st.st_mode)) {
+            char buf[PATH_MAX + 1];
+            ssize_t k = readlinkat(dirfd(dir), n, buf, PATH_MAX);
+            if (k < 0 || (e.link = malloc((size_t)k + 1)) == NULL) {
+                rc = k < 0 ? errno : ENOMEM;
+                *where = e.path;
                 break;
             }
-            rc = walk_dir(sub, path, hashes, rows, depth + 1);
+            memcpy(e.link, buf, (size_t)k);
+            e.llen = (size_t)k;
         }
-        Py_DECREF(path);
-        if (rc < 0)
+        w->out.v[w->out.n++] = e;
+        if (!S_ISDIR(e.st.st_mode))
+            continue;
+        if (d->depth + 1 > MAX_WALK_DEPTH) {   /* hostile nesting: Python's walk copes */
+            rc = -1;
+            *where = strdup(e.path);
             break;
+        }
+        int sub = openat(dirfd(dir), n, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        char *sp = sub < 0 ? NULL : strdup(e.path);
+        if (sub < 0 || sp == NULL ||
+            grow((void **)&w->subs, &w->capsubs, w->nsubs + 1, sizeof(wdir)) < 0) {
+            rc = sub < 0 ? errno : ENOMEM;
+            if (sub >= 0)
+                close(sub);
+            free(sp);
+            *where = strdup(e.path);
+            break;
+        }
+        w->subs[w->nsubs++] = (wdir){sub, sp, e.plen, d->depth + 1};
     }
-    closedir(d);
+    closedir(dir);
     return rc;
+}
+
+static void *walk_worker(void *arg) {
+    wworker *w = arg;
+    wshared *sh = w->sh;
+    for (;;) {
+        pthread_mutex_lock(&sh->mu);
+        while (sh->n == 0 && sh->active > 0 && !sh->err)
+            pthread_cond_wait(&sh->cv, &sh->mu);
+        if (sh->err || sh->n == 0) {
+            pthread_cond_broadcast(&sh->cv);
+            pthread_mutex_unlock(&sh->mu);
+            return NULL;
+        }
+        wdir d = sh->stack[--sh->n];
+        sh->active++;
+        pthread_mutex_unlock(&sh->mu);
+        char *where = NULL;
+        w->nsubs = 0;
+        int rc = read_dir(w, &d, &where);
+        free(d.path);
+        pthread_mutex_lock(&sh->mu);
+        if (!rc && grow((void **)&sh->stack, &sh->cap, sh->n + w->nsubs, sizeof(wdir)) < 0)
+            rc = ENOMEM;
+        if (rc) {
+            for (size_t i = 0; i < w->nsubs; i++) {
+                close(w->subs[i].fd);
+                free(w->subs[i].path);
+            }
+            if (!sh->err) {
+                sh->err = rc;
+                sh->errpath = where;
+                where = NULL;
+            }
+        } else {
+            memcpy(sh->stack + sh->n, w->subs, w->nsubs * sizeof(wdir));
+            sh->n += w->nsubs;
+        }
+        free(where);
+        sh->active--;
+        pthread_cond_broadcast(&sh->cv);
+        pthread_mutex_unlock(&sh->mu);
+    }
+}
+
+static PyObject *went_row(const went *e, PyObject *hashes) {
+    PyObject *path = PyUnicode_DecodeFSDefaultAndSize(e->path, (Py_ssize_t)e->plen);
+    if (path == NULL)
+        return NULL;
+    char t = type_code(e->st.st_mode);
+    PyObject *extra;
+    if (t == 'f') {
+        extra = PyDict_GetItemWithError(hashes, path);
+        extra = extra ? Py_NewRef(extra) : PyErr_Occurred() ? NULL : PyBytes_FromString("");
+    } else if (t == 'l') {
+        extra = PyUnicode_DecodeFSDefaultAndSize(e->link, (Py_ssize_t)e->llen);
+    } else {
+        extra = PyUnicode_FromString("");
+    }
+    PyObject *row = extra == NULL ? NULL : Py_BuildValue(
+        "(OC" "IIILLLKO)", path, (int)t, (unsigned)e->st.st_mode, (unsigned)e->st.st_uid,
+        (unsigned)e->st.st_gid, (long long)e->st.st_size, ns(e->st.st_mtim),
+        ns(e->st.st_ctim), (unsigned long long)e->st.st_ino, extra);
+    Py_XDECREF(extra);
+    Py_DECREF(path);
+    return row;
 }
 
 PyDoc_STRVAR(snapshot_rows_doc,
 "snapshot_rows(dir_fd, hashes) -> list of rows\n\n"
 "lamina.layer.snapshot rows of every entry beneath the directory dir_fd (not itself;\n"
-"the fd is not consumed), never following symlinks.  A file's row carries\n"
-"hashes.get(path, b''), a symlink's its target.  Raises OSError (PermissionError for a\n"
-"directory it may not read: the caller falls back to a walk that can fix modes).");
+"the fd is not consumed), never following symlinks, in no particular order.  A\n"
+"file's row carries hashes.get(path, b''), a symlink's its target.  Raises OSError\n"
+"(PermissionError for a directory it may not read: the caller falls back to a walk\n"
+"that can fix modes), RecursionError for a tree nested too deep.");
 
 static PyObject *snapshot_rows(PyObject *self, PyObject *args) {
     int fd;
     PyObject *hashes;
     if (!PyArg_ParseTuple(args, "iO!", &fd, &PyDict_Type, &hashes))
         return NULL;
-    PyObject *rows = PyList_New(0);
-    PyObject *empty = PyUnicode_FromString("");
-    if (rows == NULL || empty == NULL)
-        goto fail;
     int dfd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto fail;
+    if (dfd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    wshared sh = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    wworker ws[2] = {{&sh, {0}, NULL, 0, 0}, {&sh, {0}, NULL, 0, 0}};
+    PyObject *rows = NULL;
+    char *root = strdup("");
+    if (root == NULL || grow((void **)&sh.stack, &sh.cap, 1, sizeof(wdir)) < 0) {
+        close(dfd);
+        free(root);
+        free(sh.stack);
+        return PyErr_NoMemory();
     }
-    if (walk_dir(dfd, empty, hashes, rows, 0) < 0)
-        goto fail;
-    Py_DECREF(empty);
+    sh.stack[sh.n++] = (wdir){dfd, root, 0, 0};
+    Py_BEGIN_ALLOW_THREADS
+    pthread_t t;
+    int threaded = pthread_create(&t, NULL, walk_worker, &ws[1]) == 0;
+    walk_worker(&ws[0]);
+    if (threaded)
+        pthread_join(t, NULL);
+    Py_END_ALLOW_THREADS
+    for (size_t i = 0; i < sh.n; i++) {   /* left by a failure */
+        close(sh.stack[i].fd);
+        free(sh.stack[i].path);
+    }
+    if (sh.err) {
+        PyObject *where = sh.errpath ? PyUnicode_DecodeFSDefault(sh.errpath) : NULL;
+        if (sh.err == -1)
+            PyErr_SetString(PyExc_RecursionError, "directory tree too deep for the fast walk");
+        else if (sh.err == ENOMEM)
+            PyErr_NoMemory();
+        else {
+            errno = sh.err;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, where);
+        }
+        Py_XDECREF(where);
+        goto out;
+    }
+    rows = PyList_New(0);
+    for (int k = 0; k < 2 && rows != NULL; k++)
+        for (size_t i = 0; i < ws[k].out.n; i++) {
+            PyObject *row = went_row(&ws[k].out.v[i], hashes);
+            if (row == NULL || PyList_Append(rows, row) < 0) {
+                Py_XDECREF(row);
+                Py_CLEAR(rows);
+                break;
+            }
+            Py_DECREF(row);
+        }
+out:
+    for (int k = 0; k < 2; k++) {
+        for (size_t i = 0; i < ws[k].out.n; i++) {
+            free(ws[k].out.v[i].path);
+            free(ws[k].out.v[i].link);
+        }
+        free(ws[k].out.v);
+        free(ws[k].subs);
+    }
+    free(sh.stack);
+    free(sh.errpath);
     return rows;
-fail:
-    Py_XDECREF(rows);
-    Py_XDECREF(empty);
-    return NULL;
 }
 
 /* ---- replaying a recorded tree (lamina.drivers.materialize) ---------------------
