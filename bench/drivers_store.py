@@ -213,20 +213,22 @@ FLOOR_OPS = ("create", "clone", "clone+meta", "link", "mkdir")
 def clone_floor(objects: Path, dest: Path) -> dict[tuple[str, int], float | None]:
     """bench/clone_floor.c on this filesystem: the kernel's microseconds per entry for
     each operation, with 1 and 2 threads ({} without a C compiler)."""
-    exe = Path(tempfile.gettempdir()) / f"lamina-clone-floor-{os.getpid()}"
-    if not exe.exists():
-        r = subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "bench/clone_floor.c"),
-                            "-lpthread"], capture_output=True, check=False)
-        if r.returncode != 0:
-            return {}
+    exe = dest.parent / "clone_floor"     # on the loop filesystem: goes with it
+    r = subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "bench/clone_floor.c"),
+                        "-lpthread"], capture_output=True, check=False)
+    if r.returncode != 0:
+        return {}
     out: dict[tuple[str, int], float | None] = {}
-    for threads in (1, 2):
-        remove_tree(dest)
-        r = subprocess.run([str(exe), str(objects), str(dest), str(FLOOR_N), str(threads)],
-                           capture_output=True, text=True, check=False)
-        for ln in r.stdout.splitlines():
-            op, t, _n, _secs, us = ln.split()
-            out[(op, int(t))] = None if us == "-" else float(us)
+    try:
+        for threads in (1, 2):
+            remove_tree(dest)
+            r = subprocess.run([str(exe), str(objects), str(dest), str(FLOOR_N), str(threads)],
+                               capture_output=True, text=True, check=False)
+            for ln in r.stdout.splitlines():
+                op, t, _n, _secs, us = ln.split()
+                out[(op, int(t))] = None if us == "-" else float(us)
+    finally:
+        exe.unlink(missing_ok=True)
     return out
 
 
