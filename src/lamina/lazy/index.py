@@ -108,6 +108,12 @@ def check_index_dir(layout: OCILayout) -> None:
     writable by nobody else.
     """
     d = index_dir(layout)
+    check_private_dir(d, f"remove it (rm -r {d}) and build the indexes again")
+
+
+def check_private_dir(d: str, hint: str) -> None:
+    """Refuse *d* (if it exists) unless it is a directory owned by root or the
+    caller and writable by nobody else; *hint* says how to recover."""
     try:
         st = os.stat(d, follow_symlinks=False)
     except FileNotFoundError:
@@ -116,8 +122,7 @@ def check_index_dir(layout: OCILayout) -> None:
             st.st_mode & 0o022):
         raise UnsafeLayerError(
             f"lazy index directory {d} is not a directory owned by root or you and "
-            "writable only by its owner",
-            hint=f"remove it (rm -r {d}) and build the indexes again")
+            "writable only by its owner", hint=hint)
 
 
 def _paths(layout: OCILayout, desc: Descriptor) -> tuple[str, str]:

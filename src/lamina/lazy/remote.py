@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -37,10 +36,9 @@ from lamina.errors import (
     ImageFormatError,
     NotFoundError,
     RegistryError,
-    UnsafeLayerError,
     UsageError,
 )
-from lamina.lazy.index import LayerIndex, atomic_write
+from lamina.lazy.index import LayerIndex, atomic_write, check_private_dir
 from lamina.lazy.model import FrozenTree, build_tree, dump_tree
 from lamina.oci.model import Platform
 from lamina.registry.reference import RegistryRef
@@ -121,7 +119,9 @@ def resolve(image: RemoteImage, platform: Platform | None, cache_dir: str) -> Re
                          f"once), or pull it ('lamina pull {ref} --layout DIR:TAG') and "
                          "mount DIR:TAG locally")
             artifact = found[-1].digest
-        _check_private(os.path.join(cache_dir, "index"))
+        # a kept index decides what the mount shows (and its tree is unmarshalled)
+        d = os.path.join(cache_dir, "index")
+        check_private_dir(d, f"remove it (rm -r {d}); the index is fetched again")
         dest = os.path.join(cache_dir, "index", artifact.split(":", 1)[1])
         tree_path = os.path.join(dest, "tree-" + man.digest.split(":", 1)[1])
         got = _load_cached(dest, tree_path, man.digest, descs)
@@ -148,21 +148,6 @@ def resolve(image: RemoteImage, platform: Platform | None, cache_dir: str) -> Re
     atomic_write(os.path.join(dest, _LAYERS_FILE), json.dumps(
         [[li.blob, li.diff_id, li.compression, li.seek_path] for li in layers]).encode())
     return Resolved(frozen, layers, descs, man.digest, artifact, True)
-
-
-def _check_private(d: str) -> None:
-    """Like :func:`lamina.lazy.index.check_index_dir`: a kept index decides what the mount
-    shows (and its tree is unmarshalled), so only one nobody else could write is used."""
-    try:
-        st = os.stat(d, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or (
-            st.st_mode & 0o022):
-        raise UnsafeLayerError(
-            f"lazy index directory {d} is not a directory owned by root or you and "
-            "writable only by its owner",
-            hint=f"remove it (rm -r {d}); the index is fetched again")
 
 
 def _load_cached(dest: str, tree_path: str, manifest: str, descs: list[dict[str, Any]],
