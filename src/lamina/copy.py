@@ -40,7 +40,6 @@ from lamina.ipc.client import StoreClient
 from lamina.ipc.store import make_pipe
 from lamina.ipc.store_backend import LocalStoreBackend, StoreLayer
 from lamina.oci import mediatypes as mt
-from lamina.oci.layout import ImageRef, OCILayout
 from lamina.oci.model import Descriptor
 from lamina.store import Store
 from lamina.store.ids import parse_ref
@@ -70,6 +69,8 @@ def parse_endpoint(text: str) -> Endpoint:
         text = rest
     if not text:
         raise UsageError("empty image reference", hint="use oci:LAYOUT:TAG")
+    from lamina.oci.layout import ImageRef  # layouts load only when one is named
+
     has_tag = ":" in text and "/" not in text.rpartition(":")[2]
     ref = ImageRef.parse(text)
     return Endpoint("oci", ref.layout, ref.tag if has_tag else None)
@@ -267,6 +268,7 @@ class _LayoutSide(_Local):
             if os.path.isdir(ep.path) and os.listdir(ep.path):
                 raise UsageError(f"{ep.path} is not an OCI layout and not empty",
                                  hint="copy into a new directory or an existing layout")
+            from lamina.oci.layout import OCILayout
             OCILayout.init(ep.path)
         self.layout_backend = LayoutBackend(ep.path)
         self.backend = self.layout_backend

@@ -24,7 +24,8 @@ from conftest import run_lamina
 from lamina.errors import CorruptLayerError, DigestMismatchError, UnsafeLayerError, UsageError
 from lamina.ipc.client import StoreClient
 from lamina.oci.layout import OCILayout
-from lamina.store import Store
+from lamina.store import Store, StoreOptions
+from lamina.store.receive import BlobInput, SourceIndex
 from lamina.stream.splitdirfdstream import FILE, StreamWriter, from_tar
 from lamina.testing.images import build_image, diff_id
 from lamina.testing.layers import TarBuilder
@@ -166,6 +167,55 @@ def test_trusted_copy_records_what_a_verified_one_does(tmp_path: Path, compiled:
     for d in "bcd":
         _fsck_ok(tmp_path / d)
     _exports_match(tmp_path / "d", tars)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("attachable", [True, False])
+def test_trusted_rows_from_the_source_index(tmp_path: Path, attachable: bool) -> None:
+    """A trusted local copy whose tar-split was cloned copies the layer's rows from
+    the attached source index in SQL; when that index cannot be attached it asks
+    for the rows instead.  Either way the destination records what the source does."""
+    tars = _layers(big=MiB, n_big=2)
+    build_image(str(tmp_path / "lay"), "v1", tars)
+    with loop_fs("xfs", tmp_path) as mnt, \
+            Store.open(str(mnt / "a"), options=StoreOptions(fsync=False)) as s, \
+            Store.open(str(mnt / "b"), options=StoreOptions(fsync=False)) as dst:
+        s.import_image(str(tmp_path / "lay"), "v1", "app:v1")
+        _receive_with_index(s, dst, tars, tmp_path, attachable)
+
+
+def _receive_with_index(s: Store, dst: Store, tars: list[bytes], tmp_path: Path,
+                        attachable: bool) -> None:
+    asked: list[str] = []
+    for ly in s.image("app:v1").layers:
+        def rows(did: str = ly.diff_id) -> dict[str, int]:
+            asked.append(did)
+            return s.layer_object_sizes(did)
+
+        info = s.layer(ly.diff_id)
+        assert info is not None
+        index = SourceIndex(s.db.path if attachable else str(tmp_path / "no.db"),
+                            info.tar_size, info.files, rows)
+        bfd = os.open(s.blob_path(ly.desc.digest), os.O_RDONLY)
+        try:
+            with open(s.tar_split_path(ly.diff_id), "rb") as f:
+                _desc, _did, stats = dst.receive_layer(
+                    f, [s.objects_fd], diff_id=ly.diff_id, blob=BlobInput(bfd, ly.desc),
+                    trust_source=True, local_source=True, source_index=index)
+        finally:
+            os.close(bfd)
+        assert stats.split_cloned and stats.copied_bytes == 0
+        assert dst.layer_object_sizes(ly.diff_id) == s.layer_object_sizes(ly.diff_id)
+        got = dst.layer(ly.diff_id)
+        assert got is not None and (got.tar_size, got.files) == (info.tar_size, info.files)
+    assert asked == ([] if attachable else [ly.diff_id for ly in s.image("app:v1").layers])
+    assert not (tmp_path / "no.db").exists()
+    assert [r[1] for r in dst.db.query("PRAGMA database_list")] == ["main"]
+    for t in tars:
+        out = io.BytesIO()
+        dst.export_layer(diff_id(t), out)
+        assert out.getvalue() == t
+    assert dst.fsck().ok
 
 
 # -- stores and layouts ------------------------------------------------------------------------

@@ -239,3 +239,27 @@ def test_compiled_link_objects(tmp_path: Path) -> None:
     finally:
         for fd in [sfd, *fds]:
             os.close(fd)
+
+
+def test_attached_index_is_read_without_its_write_lock(tmp_path: Path) -> None:
+    """Only a store index of our schema version is attached; a deferred transaction
+    reading it leaves it writable by its own store meanwhile."""
+    with Store.open(str(tmp_path / "a"), options=OPTS) as a, \
+            Store.open(str(tmp_path / "b"), options=OPTS) as b:
+        (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+        with b.db.attached(str(tmp_path / "junk.db")) as alias:
+            assert alias is None
+        a.db.conn.execute("PRAGMA user_version = 99")
+        with b.db.attached(a.db.path) as alias:
+            assert alias is None
+        a.db.conn.execute("PRAGMA user_version = 1")
+        with b.db.attached(a.db.path) as alias:
+            assert alias is not None
+            with b.db.tx(deferred=True) as c:
+                c.execute("DELETE FROM main.refs WHERE name = 'x'")
+                c.execute(f"INSERT INTO main.blobs SELECT * FROM {alias}.blobs")
+                a.db.conn.execute("PRAGMA busy_timeout = 100")
+                with a.db.tx() as w:    # "database is locked" if b held a's write lock
+                    w.execute("INSERT INTO blobs VALUES ('sha256:' || hex(randomblob(32)),"
+                              " 'x', 1)")
+        assert [r[1] for r in b.db.query("PRAGMA database_list")] == ["main"]

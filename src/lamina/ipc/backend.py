@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from lamina.errors import (
     DigestMismatchError,
@@ -28,10 +28,7 @@ from lamina.errors import (
     NotFoundError,
     UsageError,
 )
-from lamina.layer.compression import LayerPipeline, LayerSource
-from lamina.layer.generate import _compressor, _Sink
 from lamina.oci import mediatypes as mt
-from lamina.oci.layout import OCILayout
 from lamina.oci.model import Descriptor, Platform
 from lamina.store.receive import BlobInput
 from lamina.stream.splitdirfdstream import (
@@ -41,6 +38,11 @@ from lamina.stream.splitdirfdstream import (
     read_chunks,
     write_tar,
 )
+
+if TYPE_CHECKING:
+    # layouts, compression and the bundle producer load only when a command uses
+    # them: a store-to-store copy needs none of them
+    from lamina.oci.layout import OCILayout
 
 Release = Callable[[], None]
 
@@ -162,6 +164,8 @@ class _LayoutLayer:
                 raise NotFoundError(f"layer blob {self.desc.digest} is missing",
                                     hint="the layout is incomplete") from None
 
+        from lamina.layer.compression import LayerPipeline, LayerSource
+
         # the pipeline verifies blob digest and diff_id before its last chunk is read
         with LayerPipeline([LayerSource(self.desc, self.diff_id, open_blob)]) as pipe:
             stream = pipe.stream(0)
@@ -182,6 +186,7 @@ class LayoutBackend:
     """Serve one OCI image layout."""
 
     def __init__(self, path: str) -> None:
+        from lamina.oci.layout import OCILayout
         self.layout = OCILayout.open(path)
 
     # -- reading ---------------------------------------------------------------
@@ -242,6 +247,7 @@ class LayoutBackend:
         media_type = mt.COMPRESSION_LAYER_TYPE.get(compression)
         if media_type is None:
             raise UsageError(f"unknown compression {compression!r}", hint="gzip, zstd or none")
+        from lamina.layer.generate import _compressor, _Sink
         with self.layout.blob_writer() as out:
             comp = _compressor(compression, _Sink(out.write))
             digest = write_tar(read_chunks(stream), dirfds, comp)

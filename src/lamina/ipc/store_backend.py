@@ -68,8 +68,9 @@ class StoreLayer:
 
     def source_index(self) -> SourceIndex:
         """The index rows of this layer, for a trusting receiver in this process."""
-        return SourceIndex(self._store.layer_object_sizes(self.diff_id), self.tar_size,
-                           self._files)
+        store, diff_id = self._store, self.diff_id
+        return SourceIndex(store.db.path, self.tar_size, self._files,
+                           lambda: store.layer_object_sizes(diff_id))
 
     def write_to(self, out: BinaryIO) -> str:
         """Copy the tar-split verbatim; the receiver reassembles and checks the diff_id."""

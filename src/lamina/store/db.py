@@ -24,6 +24,7 @@ both work.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -156,16 +157,47 @@ class Database:
             self.conn.execute("PRAGMA cache_size = -32768")
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed on success, rolled back on any exception."""
+    def tx(self, *, deferred: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed on success, rolled back on any exception.
+
+        *deferred*: for a transaction that reads an :meth:`attached` database.
+        ``BEGIN IMMEDIATE`` would take the write lock of every attached database
+        too; a deferred one whose first statement writes ``main`` takes only that.
+        """
         with self.mu:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("BEGIN" if deferred else "BEGIN IMMEDIATE")
             try:
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def attached(self, path: str) -> Iterator[str | None]:
+        """Another store's index attached to this connection for reading; yields
+        its schema name, or None when it cannot be (unreadable, or another schema
+        version: the caller then reads it another way)."""
+        alias = f"src_{os.urandom(6).hex()}"     # the connection is shared by threads
+        if not os.path.isfile(path):            # ATTACH would create an empty one
+            yield None
+            return
+        try:
+            with self.mu:
+                self.conn.execute("ATTACH DATABASE ? AS " + alias, (path,))
+        except sqlite3.Error:
+            yield None
+            return
+        try:
+            try:
+                with self.mu:
+                    v = int(self.conn.execute(f"PRAGMA {alias}.user_version").fetchone()[0])
+            except sqlite3.Error:       # not a database, unreadable
+                v = -1
+            yield alias if v == SCHEMA_VERSION else None
+        finally:
+            with self.mu:
+                self.conn.execute(f"DETACH DATABASE {alias}")
 
     def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         with self.mu:

@@ -37,7 +37,7 @@ import re
 import stat
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -94,13 +94,15 @@ class ReceiveStats:
 
 @dataclass(frozen=True)
 class SourceIndex:
-    """What a local source store's index says of a layer it sends: its objects
-    (hex -> size) and the sizes its ``layers`` row records.  A trusted receiver
-    that cloned the tar-split takes these instead of scanning it."""
+    """What a local source store's index says of a layer it sends, for a trusted
+    receiver that cloned the tar-split instead of scanning it: where that index is
+    (attached read-only, so the layer's rows are copied in SQL), the sizes its
+    ``layers`` row records, and *rows* (hex -> size) for when it cannot be attached."""
 
-    objects: dict[str, int]
+    db_path: str
     tar_size: int
     files: int
+    rows: Callable[[], dict[str, int]]
 
 
 @dataclass
@@ -462,6 +464,24 @@ class _Receiver:
         present = self._indexed(list(want))
         missing = [(h, n) for h, n in want.items() if h not in present]
         self.stats.present_bytes += sum(want[h] for h in present)
+        self._bring_missing(missing, dirfds)
+
+    def bring_attached(self, source: str, diff_id: str, dirfds: Sequence[int]) -> None:
+        """:meth:`bring` for layer *diff_id* of a source index attached as *source*:
+        what we lack is one query instead of a lookup per object."""
+        if not dirfds:
+            raise UsageError("a store's stream needs its objects directory as dirfd 0")
+        db = self.store.db
+        of_layer = (f"FROM {source}.layer_objects l JOIN {source}.objects o "
+                    f"ON o.digest = l.object WHERE l.diff_id = ?")
+        missing = [(str(h), int(cast(int, n))) for h, n in db.query(
+            f"SELECT substr(o.digest, 8), o.size {of_layer} "
+            f"AND l.object NOT IN (SELECT digest FROM main.objects)", (diff_id,))]
+        total = int(cast(int, db.query(f"SELECT total(o.size) {of_layer}", (diff_id,))[0][0]))
+        self.stats.present_bytes += total - sum(n for _h, n in missing)
+        self._bring_missing(missing, dirfds)
+
+    def _bring_missing(self, missing: list[tuple[str, int]], dirfds: Sequence[int]) -> None:
         link_all = self._linkable_dir(dirfds[0]) if missing else False
         if link_all:
             missing = self._link_compiled(dirfds[0], missing)
@@ -697,16 +717,23 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
         hex_of(diff_id)
     r = _Receiver(store)
     r.hash_in_place = local_source
+    stack = contextlib.ExitStack()     # the attached source index, if any
+    attached: str | None = None
     try:
         cloned = r.clone_split(stream) if trust_source else None
         if cloned is not None:
             split = cloned
             r.stats.split_cloned = True
             if source_index is not None:
+                assert diff_id is not None
                 r.stats.tar_size = source_index.tar_size
                 r.stats.files = source_index.files
-                r.refs = dict(source_index.objects)
-                r.bring(r.refs, dirfds)
+                attached = stack.enter_context(store.db.attached(source_index.db_path))
+                if attached is not None:
+                    r.bring_attached(attached, diff_id, dirfds)
+                else:
+                    r.refs = source_index.rows()
+                    r.bring(r.refs, dirfds)
             else:
                 with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=r.sfd), "rb",
                           buffering=_IO) as f:
@@ -746,7 +773,9 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
             r.temps.remove(staged_blob)
             if store.options.fsync:
                 syncfs(store._root_fd)
-            store._record_layer(digest, r.refs, desc, r.stats.tar_size, r.stats.files)
+            store._record_layer(digest, r.refs, desc, r.stats.tar_size, r.stats.files,
+                                source=attached)
         return desc, digest, r.stats
     finally:
         r.cleanup()
+        stack.close()
