@@ -56,6 +56,9 @@ class Endpoint:
         return f"{self.kind}:{self.path}" + (f":{self.name}" if self.name else "")
 
 
+_LAYERS_AT_ONCE = 3      # between local sides
+
+
 def parse_endpoint(text: str) -> Endpoint:
     """Parse ``store:PATH[:NAME[:TAG]]``, ``oci:LAYOUT[:TAG]``, ``varlink:SOCKET[:NAME]``
     or ``LAYOUT[:TAG]``."""
@@ -366,6 +369,25 @@ def _names(src: Endpoint, dst: Endpoint) -> tuple[str, str]:
     return src.name, src.name
 
 
+async def _copy_layer(src: _Side, dst: _Side, rec: LayerRecord, compression: str,
+                      trust: bool) -> tuple[LayerCopy, LayerRecord]:
+    if await dst.has_layer(rec):
+        return LayerCopy(rec.diff_id, rec.descriptor.digest, "skipped"), rec
+    async with src.open_layer(rec.diff_id) as opened:
+        got, stats = await dst.put_layer(opened, rec.diff_id, compression, trust)
+    if got.diff_id != rec.diff_id:
+        raise DigestMismatchError(f"layer {rec.diff_id} arrived as {got.diff_id}")
+    lc = LayerCopy(rec.diff_id, got.descriptor.digest, "copied")
+    if stats is not None:
+        lc.linked_bytes = stats.linked_bytes
+        lc.reflinked_bytes = stats.reflinked_bytes
+        lc.copied_bytes = stats.copied_bytes
+        lc.present_bytes = stats.present_bytes
+        lc.blob_transfer = stats.blob
+        lc.split_cloned = stats.split_cloned
+    return lc, got
+
+
 async def copy_async(opts: CopyOptions) -> CopyResult:
     t0 = time.monotonic()
     src_ep, dst_ep = parse_endpoint(opts.source), parse_endpoint(opts.destination)
@@ -381,25 +403,32 @@ async def copy_async(opts: CopyOptions) -> CopyResult:
         dst = await _open_side(dst_ep, dest=True)
         try:
             res = CopyResult(str(src_ep), str(dst_ep), "", verified=not trust)
+            # local layers go side by side: one's links (system calls on threads) overlap
+            # another's index rows and syncfs; a server connection takes one at a time
+            local = isinstance(src, _Local) and isinstance(dst, _Local)
+            sem = asyncio.Semaphore(_LAYERS_AT_ONCE if local else 1)
+            jobs: dict[str, asyncio.Task[tuple[LayerCopy, LayerRecord]]] = {}
+
+            async def bounded(rec: LayerRecord) -> tuple[LayerCopy, LayerRecord]:
+                async with sem:
+                    return await _copy_layer(src, dst, rec, opts.compression, trust)
+
+            for rec in img.layers:      # an image may list one layer twice: copied once
+                if rec.diff_id not in jobs:
+                    jobs[rec.diff_id] = asyncio.ensure_future(bounded(rec))
+            # every layer finishes (or fails) before the sides close: their threads use
+            # the sides' descriptors
+            done = await asyncio.gather(*jobs.values(), return_exceptions=True)
+            for r in done:
+                if isinstance(r, BaseException):
+                    raise r
             out: list[LayerRecord] = []
+            seen: set[str] = set()
             for rec in img.layers:
-                if await dst.has_layer(rec):
-                    res.layers.append(LayerCopy(rec.diff_id, rec.descriptor.digest, "skipped"))
-                    out.append(rec)
-                    continue
-                async with src.open_layer(rec.diff_id) as opened:
-                    got, stats = await dst.put_layer(opened, rec.diff_id, opts.compression,
-                                                     trust)
-                if got.diff_id != rec.diff_id:
-                    raise DigestMismatchError(f"layer {rec.diff_id} arrived as {got.diff_id}")
-                lc = LayerCopy(rec.diff_id, got.descriptor.digest, "copied")
-                if stats is not None:
-                    lc.linked_bytes = stats.linked_bytes
-                    lc.reflinked_bytes = stats.reflinked_bytes
-                    lc.copied_bytes = stats.copied_bytes
-                    lc.present_bytes = stats.present_bytes
-                    lc.blob_transfer = stats.blob
-                    lc.split_cloned = stats.split_cloned
+                lc, got = jobs[rec.diff_id].result()
+                if rec.diff_id in seen:
+                    lc = LayerCopy(rec.diff_id, got.descriptor.digest, "skipped")
+                seen.add(rec.diff_id)
                 res.layers.append(lc)
                 out.append(got)
             res.manifest = await dst.finish(dst_name, img, out)

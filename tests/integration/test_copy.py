@@ -218,6 +218,29 @@ def _receive_with_index(s: Store, dst: Store, tars: list[bytes], tmp_path: Path,
     assert dst.fsck().ok
 
 
+def test_an_image_listing_one_layer_twice(tmp_path: Path) -> None:
+    """Layers are copied side by side, each diff_id once: a repeated layer is
+    reported skipped and the copy is the same image."""
+    a_tar, b_tar = _layers(big=MiB, n_big=1)[:2]
+    tars = [a_tar, b_tar, a_tar]
+    build_image(str(tmp_path / "lay"), "v1", tars)
+    a = tmp_path / "a"
+    _json(["import", f"{tmp_path / 'lay'}:v1", "app:v1", "--store", str(a)])
+    for dst in (f"store:{tmp_path / 'b'}", f"oci:{tmp_path / 'out'}:v1"):
+        res = _json(["copy", f"store:{a}:app:v1", dst])
+        assert [x["action"] for x in res["layers"]] == ["copied", "copied", "skipped"]
+        assert [x["diff_id"] for x in res["layers"]] == [diff_id(t) for t in tars]
+    res = _json(["copy", f"oci:{tmp_path / 'out'}:v1", f"store:{tmp_path / 'c'}:app:v1"])
+    assert res["layers_copied"] == 2 and res["layers_skipped"] == 1
+    with Store.open(str(a), create=False) as s:
+        want = s.image("app:v1").manifest.digest
+    for d in "bc":
+        with Store.open(str(tmp_path / d), create=False) as s:
+            assert s.image("app:v1").manifest.digest == want
+        _fsck_ok(tmp_path / d)
+        _exports_match(tmp_path / d, tars)
+
+
 # -- stores and layouts ------------------------------------------------------------------------
 
 def test_store_and_layout_both_ways(tmp_path: Path) -> None:

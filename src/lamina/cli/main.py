@@ -53,8 +53,23 @@ def _term(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _raise_nofile() -> None:
+    # a copy works on several layers at once, each holding the 256 fan-out directories
+    # of the objects store open: more than a 1024 soft limit allows; like Go programs,
+    # take the hard limit (the soft one only exists for select()-era programs)
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _term)
+    _raise_nofile()
     args_list = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in args_list
     from lamina.cli.ui import UI
