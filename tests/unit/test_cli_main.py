@@ -30,3 +30,13 @@ def test_unpack_does_not_import_other_commands_libraries() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == ""
+
+
+def test_version_imports_no_command() -> None:
+    code = ("import sys; from lamina.cli.main import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in sys.modules if m.startswith('lamina.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0].startswith("lamina ")
+    assert out[1] == "['lamina.cli.main', 'lamina.cli.ui']"

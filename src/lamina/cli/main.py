@@ -35,14 +35,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, hint=f"see '{self.prog} --help'")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser for *command* alone when it is known, else for every command."""
+def build_parser(command: str | None = None, *, commands: bool = True
+                 ) -> argparse.ArgumentParser:
+    """The parser for *command* alone when it is known, else for every command
+    (none with *commands* false: ``lamina --version`` needs no command module)."""
     p = _Parser(prog="lamina", description="Store, unpack, repack and serve OCI image layers.")
     p.add_argument("--version", action="version", version=f"lamina {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     wanted = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(
-        COMMANDS.values()))
+        COMMANDS.values())) if commands else []
     for name in wanted:
         importlib.import_module(f"lamina.cli.{name}").register(sub)
     return p
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ui = UI(json_mode=json_mode, quiet=json_mode or "--quiet" in args_list or "-q" in args_list)
     try:
         command = args_list[0] if args_list and not args_list[0].startswith("-") else None
-        args = build_parser(command).parse_args(args_list)
+        args = build_parser(command, commands=args_list != ["--version"]).parse_args(args_list)
         ui = UI(json_mode=getattr(args, "json", False), quiet=getattr(args, "quiet", False))
         return int(args.run(args, ui))
     except LaminaError as e:
