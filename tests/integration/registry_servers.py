@@ -9,6 +9,9 @@
 - :class:`FaultProxy`: an HTTP proxy in front of a registry that can answer a
   chosen status, corrupt a blob, or cut a download midway and stop the
   registry, so failures are injected into real traffic.
+- :class:`ReferrersFront`: a front adding the OCI 1.1 referrers API to a registry
+  that lacks it (distribution 2.8), so the client's native referrers path is
+  exercised against real storage.
 - :func:`make_tls`: a CA and a server certificate for 127.0.0.1/localhost.
 """
 
@@ -16,16 +19,19 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import http.client
 import http.server
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +43,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+INDEX = "application/vnd.oci.image.index.v1+json"
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -375,6 +383,110 @@ class FaultProxy:
     def close_soon(self) -> None:
         """close() from a handler thread (shutdown() would wait for that handler)."""
         threading.Thread(target=self.close, daemon=True).start()
+
+
+class ReferrersFront:
+    """A front for a plain-http registry that adds the OCI 1.1 referrers API, which
+    distribution 2.8 lacks: a manifest PUT with a ``subject`` is answered with the
+    ``OCI-Subject`` header and listed, and ``GET /v2/NAME/referrers/DIGEST`` (with an
+    optional ``artifactType`` filter) answers an image index of them.  Everything
+    else is forwarded as it is, the Host header included (so upload locations point
+    back here)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.requests: list[tuple[str, str, int]] = []      # (method, path, status)
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_HEAD(self) -> None:
+                self._handle("HEAD")
+
+            def do_PUT(self) -> None:
+                self._handle("PUT")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+            def do_PATCH(self) -> None:
+                self._handle("PATCH")
+
+            def _reply(self, method: str, status: int, headers: list[tuple[str, str]],
+                       body: bytes) -> None:
+                front.requests.append((method, self.path, status))
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                length = dict((k.lower(), v) for k, v in headers).get("content-length")
+                # a HEAD answers the length of what a GET would send
+                self.send_header("Content-Length", length if method == "HEAD" and length
+                                 else str(len(body)))
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(body)
+
+            def _handle(self, method: str) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                url = urllib.parse.urlsplit(self.path)
+                m = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[0-9a-f]{64})", url.path)
+                if m and method == "GET":
+                    want = urllib.parse.parse_qs(url.query).get("artifactType")
+                    listed = [d for d in front.referrers.get((m[1], m[2]), [])
+                              if not want or d["artifactType"] in want]
+                    doc = {"schemaVersion": 2, "mediaType": INDEX, "manifests": listed}
+                    hdrs = [("Content-Type", INDEX)]
+                    if want:
+                        hdrs.append(("OCI-Filters-Applied", "artifactType"))
+                    self._reply(method, 200, hdrs, json.dumps(doc).encode())
+                    return
+                host, port = front.upstream.rsplit(":", 1)
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                try:
+                    conn.request(method, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                out = list(resp.getheaders())
+                mm = re.fullmatch(r"/v2/(.+)/manifests/[^/]+", url.path)
+                if method == "PUT" and mm and resp.status == 201:
+                    doc = json.loads(body)
+                    subject = doc.get("subject")
+                    if isinstance(subject, dict):
+                        front.referrers.setdefault((mm[1], subject["digest"]), []).append({
+                            "mediaType": doc.get("mediaType") or self.headers["Content-Type"],
+                            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+                            "size": len(body),
+                            "artifactType": doc.get("artifactType")
+                            or doc["config"]["mediaType"]})
+                        out.append(("OCI-Subject", subject["digest"]))
+                self._reply(method, resp.status, out, data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def auth_json(path: Path, registry: str, user: str, password: str) -> Path:

@@ -8,6 +8,8 @@
 - a blob corrupted in the registry's storage gives EIO, never wrong data;
 - no artifact: a clear error and hint; ``lamina lazy-index --push REF`` then fixes it;
   a pinned artifact of another image is refused;
+- a registry with the referrers API (a front adding it): no referrers tag, found
+  through the API;
 - token auth: a token expiring mid-mount is renewed.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from registry_servers import FaultProxy, Registry, TokenServer
+from registry_servers import FaultProxy, ReferrersFront, Registry, TokenServer
 from test_lazy_mount import _lamina_mounts, _stats, _unpack, layered_image
 
 from conftest import need_tool, run_lamina
@@ -317,3 +319,31 @@ def test_cache_keeps_index_and_contents(registry: Registry, proxy: FaultProxy, t
     assert again == [] and index_blobs
     umount(mnt, run_env)
     assert any(p.name == "index" for p in cache.iterdir())
+
+
+def test_registry_with_the_referrers_api(registry: Registry, tmp_path: Path,
+                                         run_env: dict[str, str], mounted: list[Path]) -> None:
+    """Where the registry has the OCI 1.1 referrers API (here a front adding it to
+    distribution 2.8), the index is published without a referrers tag and found
+    through the API."""
+    front = ReferrersFront(registry.host)
+    try:
+        layered_image(tmp_path / "l", ["gzip", "gzip", "gzip"])
+        ref = f"{front.host}/lazy/api:t"
+        pushed = ok("push", "--insecure", "--lazy-index", "--layout", f"{tmp_path}/l:t", ref)
+        art = pushed["lazy_index"]["artifacts"]
+        assert len(art) == 1 and art[0]["referrers"] == "api"
+        assert art[0]["subject"] == pushed["digest"]
+        tags = httpx.get(f"http://{registry.host}/v2/lazy/api/tags/list").json()["tags"]
+        assert tags == ["t"]        # no sha256-HEX tag: the registry lists the referrer
+        mnt = tmp_path / "mnt"
+        mounted.append(mnt)
+        mount(f"docker://{ref}", mnt, run_env)
+        assert (mnt / "etc/os-release").read_bytes() == b"ID=top\n"
+        umount(mnt, run_env)
+        asked = [(m, p, s) for m, p, s in front.requests if "/referrers/" in p]
+        assert asked and all(m == "GET" and s == 200 for m, p, s in asked)
+        assert all(f"/referrers/{pushed['digest']}?artifactType=" in p for _m, p, _s in asked)
+        assert not [p for _m, p, _s in front.requests if "/manifests/sha256-" in p]
+    finally:
+        front.close()
