@@ -5,10 +5,15 @@
 - running one command with wall time and peak RSS
 - describing the machine and the filesystem of a directory
 - replacing one marked section of a markdown file (BENCHMARKS.md)
+- the pieces of a report several scripts print alike (progress lines, median (min)
+  cells, peak RSS, load and failure notes, the per-run details and the rerun line)
+- the set-up both lazy mount benchmarks share (options, root, a private layout)
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,6 +229,12 @@ class RunResult:
     def ok(self) -> bool:
         return self.rc == 0
 
+    @property
+    def last_line(self) -> str:
+        """The last line of the stderr tail ('' if none): what a report quotes of a failure."""
+        lines = self.stderr_tail.strip().splitlines()
+        return lines[-1] if lines else ""
+
 
 def rss_method() -> str:
     return "/usr/bin/time -f %M" if GNU_TIME.is_file() and os.access(GNU_TIME, os.X_OK) \
@@ -293,6 +304,24 @@ def remove_tree(path: Path) -> None:
         subprocess.run(["chmod", "-R", "u+rwx", "--", str(path)], stderr=subprocess.DEVNULL,
                        check=False)
         subprocess.run(["rm", "-rf", "--", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(workdir: Path, prefix: str) -> Iterator[Path]:
+    """A fresh directory below WORKDIR for one benchmark's runs, removed afterwards,
+    and WORKDIR with it if this made it (and nothing else is left in it)."""
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+    try:
+        yield root
+    finally:
+        remove_tree(root)
+        if created:
+            try:
+                workdir.rmdir()
+            except OSError:
+                pass
 
 
 def count_files(root: Path) -> tuple[int, int]:
@@ -375,6 +404,11 @@ def tool_version(cmd: Sequence[str]) -> str:
     return out[0].strip() if out else "unknown"
 
 
+def lamina_version(lamina: Sequence[str]) -> str:
+    """'lamina X.Y' as the reports name it."""
+    return f"lamina {tool_version([*lamina, '--version']).removeprefix('lamina ')}"
+
+
 # --------------------------------------------------------------------------- stats / output
 
 
@@ -417,3 +451,153 @@ def join_markdown(lines: list[str]) -> str:
     """Join report lines, collapsing runs of blank lines (optional notes leave gaps)."""
     return "\n".join(ln for i, ln in enumerate(lines)
                      if not (ln == "" and i > 0 and lines[i - 1] == ""))
+
+
+# --------------------------------------------------------------------------- report pieces
+
+
+def opt(x: float | None, fmt: str) -> str:
+    """X formatted with FMT, '?' when it was not measured."""
+    return "?" if x is None else format(x, fmt)
+
+
+def _mb(kb: int, kib: bool) -> float:
+    # maxrss_kb is in KiB; unpack.py's figures count it so, repack.py's and pull.py's
+    # progress lines and per-run numbers have always divided by 1000 (kept as printed)
+    return kb * (1024 if kib else 1000) / 1e6
+
+
+def print_run(prefix: str, r: RunResult, *, cpu: str | None = ".2f", kib: bool = False,
+              note: str = "") -> None:
+    """One progress line on stderr: PREFIX, wall time, CPU time (format CPU; left out
+    when None), peak RSS, other load, status + NOTE; a failed run's stderr tail below."""
+    rss = f"{_mb(r.maxrss_kb, kib):.0f} MB" if r.maxrss_kb is not None else "?"
+    cpu_part = "" if cpu is None else f" cpu {opt(r.cpu_seconds, cpu):>5} s"
+    status = ("ok" if r.ok else f"FAILED rc={r.rc}") + note
+    print(f"{prefix}{r.seconds:7.2f} s{cpu_part}  peak {rss:>7}  "
+          f"other load {opt(r.other_cpu, '.2f')} CPUs  {status}", file=sys.stderr, flush=True)
+    if not r.ok:
+        print("    " + r.stderr_tail.strip().replace("\n", "\n    "), file=sys.stderr)
+
+
+def median_min(secs: Sequence[float]) -> str:
+    """'median (min)' of SECS, 'FAIL' when there are none."""
+    return f"{median(secs):.2f} ({min(secs):.2f})" if secs else "FAIL"
+
+
+def fmt_time(runs: Iterable[RunResult]) -> str:
+    """'median (min)' wall seconds of the successful RUNS, 'FAIL' if none succeeded."""
+    return median_min([r.seconds for r in runs if r.ok])
+
+
+def peak_mb(runs: Iterable[RunResult]) -> float | None:
+    """Largest max-RSS of RUNS in MB (10^6 bytes), None if none was measured."""
+    vals = [r.maxrss_kb for r in runs if r.maxrss_kb is not None]
+    return _mb(max(vals), True) if vals else None
+
+
+def peak_cell(runs: Iterable[RunResult]) -> str:
+    mb = peak_mb(runs)
+    return "?" if mb is None else f"{mb:.0f}"
+
+
+def load_note(runs: Iterable[RunResult], *, incl: str = "", compare: str | None = None) -> str:
+    """How busy the machine was with other work during the timed RUNS ('' if unmeasured).
+
+    INCL follows 'from /proc/stat' (what else that counts); with COMPARE, a busy machine
+    (mean above 0.25 or peak above 0.75 CPUs) adds a warning to compare COMPARE instead.
+    """
+    vals = [r.other_cpu for r in runs if r.other_cpu is not None]
+    if not vals:
+        return ""
+    mean, worst = sum(vals) / len(vals), max(vals)
+    text = (f"Other load during the timed runs (CPU time of everything but the measured "
+            f"command, from /proc/stat{incl}): mean {mean:.2f}, max {worst:.2f} of "
+            f"{len(os.sched_getaffinity(0))} CPUs.")
+    if compare and (mean > 0.25 or worst > 0.75):
+        text += (f" **The machine was not idle: timings are noisy; compare {compare} "
+                 "and rerun on a quiet machine.**")
+    return text
+
+
+def failure_note(what: str, runs: Sequence[RunResult], repeat: int) -> str:
+    """'WHAT failed N/REPEAT runs (rc R): `last stderr line`', '' if none of RUNS failed."""
+    bad = [r for r in runs if not r.ok]
+    if not bad:
+        return ""
+    return (f"{what} failed {len(bad)}/{repeat} runs (rc {bad[-1].rc}): "
+            f"`{bad[-1].last_line[:200]}`")
+
+
+def run_numbers(label: str, runs: Sequence[RunResult], *, cpu: str = ".2f",
+                kib: bool = False) -> str:
+    """One line of a report's per-run details: wall, CPU, peak RSS and other load of
+    every run of LABEL, in order."""
+    secs = ", ".join(f"{r.seconds:.2f}" if r.ok else "fail" for r in runs)
+    cpus = ", ".join(opt(r.cpu_seconds, cpu) for r in runs)
+    rss = ", ".join(opt(_mb(r.maxrss_kb, kib) if r.maxrss_kb else None, ".0f") for r in runs)
+    other = ", ".join(opt(r.other_cpu, ".2f") for r in runs)
+    return f"- {label}: wall {secs} s; cpu {cpus} s; peak RSS {rss} MB; other load {other} CPUs"
+
+
+def rerun_line(script: str, argv: Sequence[str]) -> str:
+    """A report's last line: how to run SCRIPT again with the same arguments."""
+    return (f"Rerun: `{shlex.join(['python', script, *argv])}` (from the repo root, "
+            "with the venv's python).")
+
+
+def report_tail(details: Sequence[str], rerun: str,
+                summary: str = "per-run numbers") -> list[str]:
+    """A report's closing lines: DETAILS folded into a <details> block, then RERUN."""
+    return ["", f"<details><summary>{summary}</summary>", "", *details, "", "</details>", "",
+            rerun]
+
+
+def publish(body: str, out: str, section: str) -> None:
+    """Print the report BODY and, unless OUT is '', write it as SECTION of the file OUT."""
+    print(body)
+    if out:
+        path = Path(out)
+        replace_section(path, section, body)
+        print(f"\nwrote section '{section}' of {path}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- lazy mounts
+
+
+def lazy_parser(description: str | None, workdir: str) -> argparse.ArgumentParser:
+    """The options of bench/lazy.py and bench/lazy_remote.py; each adds its own --out."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--corpus")
+    ap.add_argument("--tag", default="app")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", default=workdir)
+    ap.add_argument("--lamina", help="command to run lamina (default: the venv's)")
+    return ap
+
+
+def require_root(why: str) -> None:
+    """Exit 2 with an error naming WHY unless this runs as root."""
+    if os.geteuid() != 0:
+        print(f"error: needs root ({why})", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def private_corpus_layout(corpus: Path, work: Path) -> Path:
+    """WORK emptied, holding WORK/oci: CORPUS/oci with its blobs hard-linked and its
+    index.json copied, so nothing lamina writes there (lazy indexes) reaches the corpus."""
+    remove_tree(work)
+    work.mkdir(parents=True)
+    lay = work / "oci"
+    shutil.copytree(corpus / "oci", lay, copy_function=os.link)
+    os.unlink(lay / "index.json")           # written by nobody here, but keep it private
+    shutil.copy(corpus / "oci" / "index.json", lay / "index.json")
+    return lay
+
+
+def lamina_umount(lamina: Sequence[str], mnt: Path) -> None:
+    """`lamina umount MNT`, then a lazy umount if something is still mounted there."""
+    subprocess.run([*lamina, "umount", str(mnt)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False)
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -36,8 +36,11 @@ from common import (
     machine_line,
     md_table,
     median,
+    median_min,
     remove_tree,
     replace_section,
+    report_tail,
+    rerun_line,
     run_measured,
 )
 
@@ -141,16 +144,13 @@ def main() -> int:
     reuse_t = bench("unpack+try-skip reuse", ["unpack", "--quiet", "--hooks", str(reuse),
                                               "--image", image])
 
-    def fmt(ts: list[float]) -> str:
-        return f"{median(ts):.2f} ({min(ts):.2f})"
-
     per_hook = hook_run_ms(noop)
-    rows.append(["unpack, no hooks", fmt(base), "1.00", "-"])
-    rows.append([f"unpack, idle hooks ({3 * layers} hook runs)", fmt(idle_t),
+    rows.append(["unpack, no hooks", median_min(base), "1.00", "-"])
+    rows.append([f"unpack, idle hooks ({3 * layers} hook runs)", median_min(idle_t),
                  f"{median(idle_t) / median(base):.2f}",
                  f"expected +{3 * layers * per_hook / 1000:.3f} s: a hook run costs "
                  f"{per_hook:.1f} ms (median of 50, in-process)"])
-    rows.append(["unpack, try-skip reuses the top chain (cp -a)", fmt(reuse_t),
+    rows.append(["unpack, try-skip reuses the top chain (cp -a)", median_min(reuse_t),
                  f"{median(reuse_t) / median(base):.2f}", "no blob read"])
 
     # repack: touch 10 files, full scan vs delta-list
@@ -180,8 +180,8 @@ def main() -> int:
             out.append(res.seconds)
             if res.other_cpu is not None:
                 notes.append(f"repack {label} run {i + 1}: other load {res.other_cpu:.2f} CPUs")
-    rows.append(["repack after touching 10 files, full scan", fmt(scan_t), "1.00", "-"])
-    rows.append(["repack, delta-list hook answers the 10 paths", fmt(delta_t),
+    rows.append(["repack after touching 10 files, full scan", median_min(scan_t), "1.00", "-"])
+    rows.append(["repack, delta-list hook answers the 10 paths", median_min(delta_t),
                  f"{median(delta_t) / median(scan_t):.2f}", "scan limited to the answer"])
 
     entries = sum(1 for _ in (ref / "rootfs").rglob("*"))
@@ -204,14 +204,8 @@ def main() -> int:
         "interleaved.",
         "- **The machine was busy (2 CPUs shared with other engineers' builds and "
         "tests): timings are noisy; compare the min values.**",
-        "",
-        "<details><summary>other load per run</summary>",
-        "",
-        *[f"- {n}" for n in notes],
-        "",
-        "</details>",
-        "",
-        "Rerun: `python bench/hooks.py` (from the repo root, with the venv's python).",
+        *report_tail([f"- {n}" for n in notes], rerun_line("bench/hooks.py", []),
+                     summary="other load per run"),
     ])
     print(body)
     if not a.no_write:

@@ -22,12 +22,10 @@ of --out and prints it.  Nothing here asserts on timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -38,14 +36,20 @@ from common import (
     RunResult,
     drop_clean_caches,
     find_corpus,
+    fmt_time,
     fs_type,
     join_markdown,
     lamina_cmd,
+    lamina_umount,
+    lazy_parser,
     machine_line,
     md_table,
     median,
+    private_corpus_layout,
     remove_tree,
     replace_section,
+    report_tail,
+    require_root,
     resolve_layers,
     run_measured,
     warm,
@@ -55,34 +59,15 @@ SECTION = "lazy"
 STATS = "user.lamina.lazy.stats"
 
 
-def _umount(lamina: list[str], mnt: Path) -> None:
-    subprocess.run([*lamina, "umount", str(mnt)], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False)
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus")
-    ap.add_argument("--tag", default="app")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workdir", default="/var/tmp/lamina-bench-lazy")
-    ap.add_argument("--lamina", help="command to run lamina (default: the venv's)")
+    ap = lazy_parser(__doc__.split("\n\n")[0], "/var/tmp/lamina-bench-lazy")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("error: needs root (FUSE mounts, unpack with ownership)", file=sys.stderr)
-        return 2
+    require_root("FUSE mounts, unpack with ownership")
     corpus = find_corpus(args.corpus)
     lamina = lamina_cmd(args.lamina)
     work = Path(args.workdir)
-    remove_tree(work)
-    work.mkdir(parents=True)
-    lay = work / "oci"
-    shutil.copytree(corpus / "oci", lay, copy_function=os.link)
-    os.unlink(lay / "index.json")           # written by nobody here, but keep it private
-    shutil.copy(corpus / "oci" / "index.json", lay / "index.json")
+    lay = private_corpus_layout(corpus, work)
     layers = resolve_layers(lay, args.tag)
     compressed = sum(la.size for la in layers)
     warm([lay / "blobs" / "sha256" / la.digest.split(":", 1)[1] for la in layers])  # first
@@ -125,10 +110,10 @@ def main() -> int:
                                           f" && cat {q([str(mnt / 'etc/os-release')])}"])
             if not r.ok:
                 print(f"lazy mount failed: {r.stderr_tail}", file=sys.stderr)
-                _umount(lamina, mnt)
+                lamina_umount(lamina, mnt)
                 return 1
             stats = json.loads(os.getxattr(mnt, STATS))
-            _umount(lamina, mnt)
+            lamina_umount(lamina, mnt)
             (lazy if kind == "lazy" else cold).append(r)
             (lazy_bytes if kind == "lazy" else cold_bytes).append(int(stats["blob_bytes_read"]))
             time.sleep(0.2)
@@ -138,15 +123,11 @@ def main() -> int:
     lb = max(lazy_bytes)
     pct = 100.0 * lb / compressed
     others = [x.other_cpu for x in full + lazy + cold if x.other_cpu is not None]
-
-    def cell(xs: list[RunResult]) -> str:
-        return f"{median([x.seconds for x in xs]):.2f} ({min(x.seconds for x in xs):.2f})"
-
-    rows = [
-        ["full unpack, then cat", cell(full), "1.0", f"{compressed / 1e6:.1f} (100%)"],
-        ["lazy mount, then cat", cell(lazy), f"{f_med / l_med:.1f}",
+    rows = [   # every run kept succeeded: a failure ends the benchmark
+        ["full unpack, then cat", fmt_time(full), "1.0", f"{compressed / 1e6:.1f} (100%)"],
+        ["lazy mount, then cat", fmt_time(lazy), f"{f_med / l_med:.1f}",
          f"{lb / 1e6:.2f} ({pct:.2f}%)"],
-        ["lazy mount, cold (index build included)", cell(cold), f"{f_med / c_med:.1f}",
+        ["lazy mount, cold (index build included)", fmt_time(cold), f"{f_med / c_med:.1f}",
          f"{max(cold_bytes) / 1e6:.2f} + index build reads all"],
     ]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -184,19 +165,14 @@ def main() -> int:
         f"mean {sum(others) / max(len(others), 1):.2f}, max {max(others, default=0):.2f} of "
         f"{os.cpu_count()} CPUs. **The machine was busy with other engineers' work "
         "(2 shared CPUs): timings are noisy; compare the min column.**",
-        "",
-        "<details><summary>per-run numbers</summary>",
-        "",
-        f"- full: {', '.join(f'{x.seconds:.2f}' for x in full)} s",
-        f"- lazy: {', '.join(f'{x.seconds:.2f}' for x in lazy)} s; blob bytes "
-        f"{', '.join(str(b) for b in lazy_bytes)}",
-        f"- lazy cold: {', '.join(f'{x.seconds:.2f}' for x in cold)} s; blob bytes "
-        f"{', '.join(str(b) for b in cold_bytes)}",
-        f"- lazy-index: {', '.join(f'{x.seconds:.2f}' for x in idx_runs)} s",
-        "",
-        "</details>",
-        "",
-        "Rerun: `sudo .venv/bin/python bench/lazy.py` (from the repo root).",
+        *report_tail([
+            f"- full: {', '.join(f'{x.seconds:.2f}' for x in full)} s",
+            f"- lazy: {', '.join(f'{x.seconds:.2f}' for x in lazy)} s; blob bytes "
+            f"{', '.join(str(b) for b in lazy_bytes)}",
+            f"- lazy cold: {', '.join(f'{x.seconds:.2f}' for x in cold)} s; blob bytes "
+            f"{', '.join(str(b) for b in cold_bytes)}",
+            f"- lazy-index: {', '.join(f'{x.seconds:.2f}' for x in idx_runs)} s",
+        ], "Rerun: `sudo .venv/bin/python bench/lazy.py` (from the repo root)."),
     ]
     body = join_markdown(lines)
     replace_section(Path(args.out), SECTION, body)

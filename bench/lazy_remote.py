@@ -30,7 +30,6 @@ and prints it. Nothing here asserts on timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -47,14 +46,20 @@ from common import (
     RunResult,
     drop_clean_caches,
     find_corpus,
+    fmt_time,
     fs_type,
     join_markdown,
     lamina_cmd,
+    lamina_umount,
+    lazy_parser,
     machine_line,
     md_table,
     median,
+    private_corpus_layout,
     remove_tree,
     replace_section,
+    report_tail,
+    require_root,
     resolve_layers,
     run_measured,
     tool_version,
@@ -73,37 +78,19 @@ def sh(*cmds: list[str]) -> str:
     return " && ".join(shlex.join(c) for c in cmds)
 
 
-def _umount(lamina: list[str], mnt: Path) -> None:
-    subprocess.run([*lamina, "umount", str(mnt)], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False)
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--corpus")
-    ap.add_argument("--tag", default="app")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workdir", default="/var/tmp/lamina-bench-lazy-remote")
-    ap.add_argument("--lamina", help="command to run lamina (default: the venv's)")
+    ap = lazy_parser(__doc__.split("\n\n")[0] if __doc__ else None,
+                     "/var/tmp/lamina-bench-lazy-remote")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"),
                     help="markdown file whose section is rewritten ('' = print only)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("error: needs root (FUSE mounts, unpack with ownership)", file=sys.stderr)
-        return 2
+    require_root("FUSE mounts, unpack with ownership")
     corpus = find_corpus(args.corpus)
     lamina = lamina_cmd(args.lamina)
     umoci = shutil.which("umoci") and shutil.which("skopeo")
     kinds = KINDS if umoci else KINDS[:3]
     work = Path(args.workdir)
-    remove_tree(work)
-    work.mkdir(parents=True)
-    lay = work / "oci"      # private: the lazy indexes must not land in the shared corpus
-    shutil.copytree(corpus / "oci", lay, copy_function=os.link)
-    os.unlink(lay / "index.json")
-    shutil.copy(corpus / "oci" / "index.json", lay / "index.json")
+    lay = private_corpus_layout(corpus, work)
     layers = resolve_layers(lay, args.tag)
     compressed = sum(la.size for la in layers)
     proc, host = start_registry(work)
@@ -141,7 +128,7 @@ def main() -> int:
                     subprocess.run(["sh", "-c", sh([*mount, "--cache", str(kept), remote,
                                                     str(mnt)], ["cat", f"{mnt}/{OS}"])],
                                    stdout=subprocess.DEVNULL, check=True)
-                    _umount(lamina, mnt)
+                    lamina_umount(lamina, mnt)
                 if kind == "lazy":
                     cmd = sh([*mount, remote, str(mnt)], ["cat", f"{mnt}/{OS}"])
                 elif kind == "lazy-kept":
@@ -168,39 +155,36 @@ def main() -> int:
                     if res.ok:
                         stats = json.loads(os.getxattr(mnt, STATS))
                         lazy_bytes[kind].append(int(stats["blob_bytes_read"]))
-                    _umount(lamina, mnt)
+                    lamina_umount(lamina, mnt)
                     time.sleep(0.2)
                 if not res.ok:
                     return 1
         for d in ("dest", "bundle"):
             remove_tree(work / d)
     finally:
-        _umount(lamina, mnt)
+        lamina_umount(lamina, mnt)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    def cell(xs: list[RunResult]) -> str:
-        return f"{median([x.seconds for x in xs]):.2f} ({min(x.seconds for x in xs):.2f})"
-
     full = median([x.seconds for x in runs["pull+unpack"]])
     lazy = median([x.seconds for x in runs["lazy"]])
     lb = max(lazy_bytes["lazy"])
     net = lb + index_bytes
-    rows = [
-        ["lazy mount from the registry, then cat", cell(runs["lazy"]), f"{full / lazy:.1f}",
+    rows = [   # every run kept succeeded: a failure ends the benchmark
+        ["lazy mount from the registry, then cat", fmt_time(runs["lazy"]), f"{full / lazy:.1f}",
          f"{net / 1e6:.2f} ({100 * net / compressed:.1f}%): index {index_bytes / 1e6:.2f} "
          f"+ ranges {lb / 1e6:.2f}"],
-        ["lazy mount, index and file kept in --cache", cell(runs["lazy-kept"]),
+        ["lazy mount, index and file kept in --cache", fmt_time(runs["lazy-kept"]),
          f"{full / median([x.seconds for x in runs['lazy-kept']]):.1f}",
          f"{max(lazy_bytes['lazy-kept']) / 1e6:.2f} (manifests only)"],
-        ["lamina pull + lamina unpack, then cat", cell(runs["pull+unpack"]), "1.0",
+        ["lamina pull + lamina unpack, then cat", fmt_time(runs["pull+unpack"]), "1.0",
          f"{compressed / 1e6:.1f} (100%)"],
     ]
     if "skopeo+umoci" in runs:
-        rows.append(["skopeo copy + umoci unpack, then cat", cell(runs["skopeo+umoci"]),
+        rows.append(["skopeo copy + umoci unpack, then cat", fmt_time(runs["skopeo+umoci"]),
                      f"{full / median([x.seconds for x in runs['skopeo+umoci']]):.2f}",
                      f"{compressed / 1e6:.1f} (100%)"])
     others = [x.other_cpu for xs in runs.values() for x in xs if x.other_cpu is not None]
@@ -240,15 +224,10 @@ def main() -> int:
         f"incl. the registry): mean {sum(others) / max(len(others), 1):.2f}, max "
         f"{max(others, default=0):.2f} of {os.cpu_count()} CPUs. **2 CPUs shared with other "
         "engineers' work: timings are noisy; compare the min column.**",
-        "",
-        "<details><summary>per-run numbers</summary>",
-        "",
-        *[f"- {k}: {', '.join(f'{x.seconds:.2f}' for x in runs[k])} s" for k in runs],
-        f"- lazy range bytes: {', '.join(str(b) for b in lazy_bytes['lazy'])}",
-        "",
-        "</details>",
-        "",
-        "Rerun: `sudo .venv/bin/python bench/lazy_remote.py` (from the repo root).",
+        *report_tail([
+            *[f"- {k}: {', '.join(f'{x.seconds:.2f}' for x in runs[k])} s" for k in runs],
+            f"- lazy range bytes: {', '.join(str(b) for b in lazy_bytes['lazy'])}",
+        ], "Rerun: `sudo .venv/bin/python bench/lazy_remote.py` (from the repo root)."),
     ]
     body = join_markdown(lines)
     if args.out:

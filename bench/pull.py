@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -41,15 +40,22 @@ from common import (
     REPO,
     RunResult,
     find_corpus,
+    fmt_time,
     fs_type,
     join_markdown,
     lamina_cmd,
+    lamina_version,
     layout_tags,
+    load_note,
     machine_line,
     md_table,
     median,
+    peak_cell,
+    print_run,
     remove_tree,
     replace_section,
+    report_tail,
+    rerun_line,
     resolve_layers,
     rss_method,
     run_measured,
@@ -106,16 +112,6 @@ def tagged_digest(layout: Path, tag: str) -> str | None:
         if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag:
             return str(m.get("digest"))
     return None
-
-
-def fmt_time(runs: list[RunResult]) -> str:
-    ok = [r.seconds for r in runs if r.ok]
-    return f"{median(ok):.2f} ({min(ok):.2f})" if ok else "FAIL"
-
-
-def peak_mb(runs: list[RunResult]) -> str:
-    vals = [r.maxrss_kb for r in runs if r.maxrss_kb is not None]
-    return f"{max(vals) * 1024 / 1e6:.0f}" if vals else "?"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,13 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(tool: str, rep: int, repeat: int, r: RunResult) -> None:
-    rss = f"{r.maxrss_kb / 1000:.0f} MB" if r.maxrss_kb is not None else "?"
-    other = f"{r.other_cpu:.2f}" if r.other_cpu is not None else "?"
-    status = "ok" if r.ok else f"FAILED rc={r.rc}"
-    print(f"  {tool:<12} {rep + 1}/{repeat}: {r.seconds:7.2f} s  peak {rss:>7}  "
-          f"other load {other} CPUs  {status}", file=sys.stderr, flush=True)
-    if not r.ok:
-        print("    " + r.stderr_tail.strip().replace("\n", "\n    "), file=sys.stderr)
+    print_run(f"  {tool:<12} {rep + 1}/{repeat}: ", r, cpu=None)
 
 
 def render(runs: dict[str, list[RunResult]], digests: dict[str, set[str | None]], *,
@@ -210,10 +200,10 @@ def render(runs: dict[str, list[RunResult]], digests: dict[str, set[str | None]]
     else:
         ratio = "FAIL MISS"
     rows = [
-        ["lamina pull", fmt_time(runs["lamina"]), ratio, peak_mb(runs["lamina"])],
-        ["skopeo copy", fmt_time(runs["skopeo"]), "1.00", peak_mb(runs["skopeo"])],
+        ["lamina pull", fmt_time(runs["lamina"]), ratio, peak_cell(runs["lamina"])],
+        ["skopeo copy", fmt_time(runs["skopeo"]), "1.00", peak_cell(runs["skopeo"])],
         ["lamina pull, blobs present", fmt_time(runs["lamina-again"]), "",
-         peak_mb(runs["lamina-again"])],
+         peak_cell(runs["lamina-again"])],
     ]
     same = digests["lamina"] == digests["skopeo"] and None not in digests["lamina"]
     again = [r for r in runs["lamina-again"] if r.ok]
@@ -224,25 +214,19 @@ def render(runs: dict[str, list[RunResult]], digests: dict[str, set[str | None]]
                  f"and imports, the manifest, the tag: the \"blobs present\" row), so the "
                  f"transfer itself took about {total - fixed:.2f} s, against "
                  f"{median([r.seconds for r in sk]):.2f} s for all of skopeo's run.")
-    vals = [r.other_cpu for rs in runs.values() for r in rs if r.other_cpu is not None]
-    load = ""
-    if vals:
-        load = (f"Other load during the timed runs (CPU time of everything but the measured "
-                f"command, from /proc/stat, incl. the registry serving the blobs): mean "
-                f"{sum(vals) / len(vals):.2f}, max {max(vals):.2f} of "
-                f"{len(os.sched_getaffinity(0))} CPUs.")
+    load = load_note((r for rs in runs.values() for r in rs),
+                     incl=", incl. the registry serving the blobs")
     fails = []
     for t, rs in runs.items():
         bad = [r for r in rs if not r.ok]
         if bad:
-            tail = bad[-1].stderr_tail.strip().splitlines() or [""]
-            fails.append(f"- {t}: {len(bad)}/{len(rs)} runs failed: `{tail[-1][:200]}`")
+            fails.append(f"- {t}: {len(bad)}/{len(rs)} runs failed: `{bad[-1].last_line[:200]}`")
     raw = []
     for t, rs in runs.items():
         secs = ", ".join(f"{r.seconds:.2f}" if r.ok else "fail" for r in rs)
         cpu = ", ".join("?" if r.cpu_seconds is None else f"{r.cpu_seconds:.2f}" for r in rs)
         raw.append(f"- {t}: wall {secs} s; cpu {cpu} s")
-    versions = (f"lamina {tool_version([*lamina, '--version']).removeprefix('lamina ')}, "
+    versions = (f"{lamina_version(lamina)}, "
                 f"{tool_version(['skopeo', '--version'])}, docker-registry "
                 f"{tool_version([REGISTRY, '--version']).split()[-1]}")
     lines = [
@@ -273,15 +257,7 @@ def render(runs: dict[str, list[RunResult]], digests: dict[str, set[str | None]]
         *fails,
         f"- {load} **The machine may be busy with other work (2 shared CPUs): timings are "
         "noisy; compare the min column.**",
-        "",
-        "<details><summary>per-run numbers</summary>",
-        "",
-        *raw,
-        "",
-        "</details>",
-        "",
-        f"Rerun: `{shlex.join(['python', 'bench/pull.py', *argv])}` (from the repo root, "
-        "with the venv's python).",
+        *report_tail(raw, rerun_line("bench/pull.py", argv)),
     ]
     return join_markdown(lines)
 

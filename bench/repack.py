@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,19 +39,29 @@ from common import (
     RunResult,
     can_drop_caches,
     drop_clean_caches,
+    failure_note,
     find_corpus,
+    fmt_time,
     fs_type,
     join_markdown,
     lamina_cmd,
+    lamina_version,
     layout_tags,
+    load_note,
     machine_line,
     md_table,
     median,
+    peak_cell,
+    print_run,
+    publish,
     remove_tree,
-    replace_section,
+    report_tail,
+    rerun_line,
     resolve_layers,
     rss_method,
     run_measured,
+    run_numbers,
+    scratch_dir,
     tool_version,
 )
 
@@ -234,34 +242,13 @@ def run_all(cases: Sequence[Case], *, layout_src: Path, tag: str, root: Path, re
                     base = resolve_layers(layouts[tool], tag)
                     if len(layers) == len(base) + 1:
                         case.layer_size[tool] = layers[-1].size
-                rss = f"{r.maxrss_kb / 1000:.0f} MB" if r.maxrss_kb is not None else "?"
-                cpu = f"{r.cpu_seconds:.2f}" if r.cpu_seconds is not None else "?"
-                other = f"{r.other_cpu:.2f}" if r.other_cpu is not None else "?"
-                status = "ok" if r.ok else f"FAILED rc={r.rc}"
-                print(f"  {case.scenario:<8} {tool:<6} repack {rep + 1}/{repeat}: "
-                      f"{r.seconds:7.2f} s cpu {cpu:>5} s  peak {rss:>7}  "
-                      f"other load {other} CPUs  {status}", file=sys.stderr, flush=True)
-                if not r.ok:
-                    print("    " + r.stderr_tail.strip().replace("\n", "\n    "),
-                          file=sys.stderr)
+                print_run(f"  {case.scenario:<8} {tool:<6} repack {rep + 1}/{repeat}: ", r)
         for tool in TOOLS:
             remove_tree(root / f"bundle-{case.scenario}-{tool}")
             remove_tree(root / f"oci-{case.scenario}-{tool}")
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt_time(runs: list[RunResult]) -> str:
-    if not runs:
-        return "FAIL"
-    secs = [r.seconds for r in runs]
-    return f"{median(secs):.2f} ({min(secs):.2f})"
-
-
-def peak_mb(runs: list[RunResult]) -> str:
-    vals = [r.maxrss_kb for r in runs if r.maxrss_kb is not None]
-    return f"{max(vals) * 1024 / 1e6:.0f}" if vals else "?"
 
 
 def fmt_size(n: int | None) -> str:
@@ -283,7 +270,7 @@ def table_rows(cases: Sequence[Case]) -> list[list[str]]:
         rows.append([c.scenario, fmt_time(la), fmt_time(um), ratio,
                      f"<= {target}x {verdict}",
                      fmt_size(c.layer_size.get("lamina")), fmt_size(c.layer_size.get("umoci")),
-                     peak_mb(la), peak_mb(um)])
+                     peak_cell(la), peak_cell(um)])
     return rows
 
 
@@ -293,47 +280,10 @@ def notes(cases: Sequence[Case], repeat: int) -> list[str]:
         for tool, err in c.setup_errors.items():
             out.append(f"{c.scenario}: {tool} {err[:200]}")
         for tool in TOOLS:
-            bad = [r for r in c.runs.get(tool, []) if not r.ok]
-            if bad:
-                last = bad[-1].stderr_tail.strip().splitlines()
-                msg = last[-1] if last else ""
-                out.append(f"{c.scenario}: {tool} repack failed {len(bad)}/{repeat} runs "
-                           f"(rc {bad[-1].rc}): `{msg[:200]}`")
+            failed = failure_note(f"{c.scenario}: {tool} repack", c.runs.get(tool, []), repeat)
+            if failed:
+                out.append(failed)
     return out
-
-
-def raw_runs(cases: Sequence[Case]) -> str:
-    def num(x: float | None, fmt: str) -> str:
-        return "?" if x is None else format(x, fmt)
-
-    lines = []
-    for c in cases:
-        for tool in TOOLS:
-            rs = c.runs.get(tool, [])
-            if not rs:
-                continue
-            secs = ", ".join(f"{r.seconds:.2f}" if r.ok else "fail" for r in rs)
-            cpu = ", ".join(num(r.cpu_seconds, ".2f") for r in rs)
-            rss = ", ".join(num(r.maxrss_kb / 1000 if r.maxrss_kb else None, ".0f") for r in rs)
-            other = ", ".join(num(r.other_cpu, ".2f") for r in rs)
-            lines.append(f"- {c.scenario} / {tool}: wall {secs} s; cpu {cpu} s; "
-                         f"peak RSS {rss} MB; other load {other} CPUs")
-    return "\n".join(lines)
-
-
-def load_note(cases: Sequence[Case]) -> str:
-    vals = [r.other_cpu for c in cases for rs in c.runs.values() for r in rs
-            if r.other_cpu is not None]
-    if not vals:
-        return ""
-    mean, worst = sum(vals) / len(vals), max(vals)
-    ncpu = len(os.sched_getaffinity(0))
-    text = (f"Other load during the timed runs (CPU time of everything but the measured "
-            f"command, from /proc/stat): mean {mean:.2f}, max {worst:.2f} of {ncpu} CPUs.")
-    if mean > 0.25 or worst > 0.75:
-        text += (" **The machine was not idle: timings are noisy; compare the min columns "
-                 "and rerun on a quiet machine.**")
-    return text
 
 
 def render(cases: Sequence[Case], *, corpus: Path, tag: str, workdir: Path, repeat: int,
@@ -343,11 +293,10 @@ def render(cases: Sequence[Case], *, corpus: Path, tag: str, workdir: Path, repe
     header = ["scenario", "lamina s", "umoci s", "lamina/umoci", "target",
               "lamina layer", "umoci layer", "lamina peak RSS MB", "umoci peak RSS MB"]
     right = [False, True, True, True, False, True, True, True, True]
-    versions = (f"lamina {tool_version([*lamina, '--version']).removeprefix('lamina ')}, "
-                f"{tool_version(['umoci', '--version'])}")
-    rerun = shlex.join(["python", "bench/repack.py", *argv])
+    versions = f"{lamina_version(lamina)}, {tool_version(['umoci', '--version'])}"
     files = f" ({base_layers} layers)" if base_layers is not None else ""
-    load = load_note(cases)
+    load = load_note((r for c in cases for rs in c.runs.values() for r in rs),
+                     compare="the min columns")
     lines = [
         "## Repack: lamina vs umoci",
         "",
@@ -376,14 +325,9 @@ def render(cases: Sequence[Case], *, corpus: Path, tag: str, workdir: Path, repe
         f"- {wait_note}" if wait_note else "",
         f"- {load}" if load else "",
         "- Run as non-root: both tools unpack with `--rootless`." if rootless else "",
-        "",
-        "<details><summary>per-run numbers</summary>",
-        "",
-        raw_runs(cases),
-        "",
-        "</details>",
-        "",
-        f"Rerun: `{rerun}` (from the repo root, with the venv's python).",
+        *report_tail([run_numbers(f"{c.scenario} / {tool}", c.runs[tool])
+                      for c in cases for tool in TOOLS if c.runs.get(tool)],
+                     rerun_line("bench/repack.py", argv)),
     ]
     return join_markdown(lines)
 
@@ -437,29 +381,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     drop = args.drop_caches and can_drop_caches()
     wait_note = wait_for_other_bench(args.wait)
     workdir = Path(args.workdir).resolve()
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="repack-", dir=workdir))
-    print(f"repack benchmark: {len(cases)} scenarios x {len(TOOLS)} tools x {args.repeat} "
-          f"runs, work dir {root} ({fs_type(root)})", file=sys.stderr)
-    try:
+    with scratch_dir(workdir, "repack-") as root:
+        print(f"repack benchmark: {len(cases)} scenarios x {len(TOOLS)} tools x "
+              f"{args.repeat} runs, work dir {root} ({fs_type(root)})", file=sys.stderr)
         run_all(cases, layout_src=layout_src, tag=args.tag, root=root, repeat=args.repeat,
                 lamina=lamina, rootless=rootless, timeout=args.timeout, drop=drop)
-    finally:
-        remove_tree(root)
-        if created:
-            try:
-                workdir.rmdir()
-            except OSError:
-                pass
     body = render(cases, corpus=corpus, tag=args.tag, workdir=workdir, repeat=args.repeat,
                   lamina=lamina, rootless=rootless, argv=argv, wait_note=wait_note,
                   base_layers=len(resolve_layers(layout_src, args.tag)))
-    print(body)
-    if args.out:
-        out = Path(args.out)
-        replace_section(out, SECTION, body)
-        print(f"\nwrote section '{SECTION}' of {out}", file=sys.stderr)
+    publish(body, args.out, SECTION)
     return 0
 
 

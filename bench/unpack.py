@@ -20,7 +20,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,19 +32,29 @@ from common import (
     can_drop_caches,
     count_files,
     drop_clean_caches,
+    failure_note,
     find_corpus,
+    fmt_time,
     fs_type,
     join_markdown,
     lamina_cmd,
+    lamina_version,
     layout_tags,
+    load_note,
     machine_line,
     md_table,
     median,
+    peak_mb,
+    print_run,
+    publish,
     remove_tree,
-    replace_section,
+    report_tail,
+    rerun_line,
     resolve_layers,
     rss_method,
     run_measured,
+    run_numbers,
+    scratch_dir,
     tool_version,
     warm,
 )
@@ -135,36 +144,16 @@ def run_case(case: Case, root: Path, repeat: int, lamina: list[str], rootless: b
                                    if ln.startswith("tar: ") and TAR_DONE not in ln]
                 r.rc = 0
             case.runs[tool].append(r)
-            rss = f"{r.maxrss_kb * 1024 / 1e6:.0f} MB" if r.maxrss_kb is not None else "?"
-            status = "ok" if r.ok else f"FAILED rc={r.rc}"
-            if tool == "tar" and case.tar_errors:
-                status += " (tar reported errors, see notes)"
-            cpu = f"{r.cpu_seconds:.1f}" if r.cpu_seconds is not None else "?"
-            other = f"{r.other_cpu:.2f}" if r.other_cpu is not None else "?"
-            print(f"  {case.label:<12} {tool:<6} run {rep + 1}/{repeat}: {r.seconds:7.2f} s "
-                  f"cpu {cpu:>5} s  peak {rss:>7}  other load {other} CPUs  {status}",
-                  file=sys.stderr, flush=True)
-            if not r.ok:
-                print("    " + r.stderr_tail.strip().replace("\n", "\n    "), file=sys.stderr)
-            elif tool not in case.counts:
+            tar_errors = tool == "tar" and case.tar_errors
+            print_run(f"  {case.label:<12} {tool:<6} run {rep + 1}/{repeat}: ", r, cpu=".1f",
+                      kib=True, note=" (tar reported errors, see notes)" if tar_errors else "")
+            if r.ok and tool not in case.counts:
                 tree = dest if tool == "tar" else dest / "rootfs"
                 case.counts[tool] = count_files(tree)
             remove_tree(dest)
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt_time(runs: list[RunResult]) -> str:
-    if not runs:
-        return "FAIL"
-    secs = [r.seconds for r in runs]
-    return f"{median(secs):.2f} ({min(secs):.2f})"
-
-
-def peak_mb(runs: list[RunResult]) -> float | None:
-    vals = [r.maxrss_kb for r in runs if r.maxrss_kb is not None]
-    return max(vals) * 1024 / 1e6 if vals else None
 
 
 def ratio_cell(case: Case, other: str, target: float) -> str:
@@ -224,48 +213,10 @@ def notes(cases: Sequence[Case], repeat: int) -> list[str]:
                        f"everything: {errs} (a file replaces a directory of a lower layer; "
                        "only whiteout handling would allow that).")
         for tool in c.tools:
-            bad = [r for r in c.runs.get(tool, []) if not r.ok]
-            if bad:
-                last = bad[-1].stderr_tail.strip().splitlines()
-                msg = last[-1] if last else ""
-                out.append(f"{c.label}: {tool} failed {len(bad)}/{repeat} runs "
-                           f"(rc {bad[-1].rc}): `{msg[:200]}`")
+            failed = failure_note(f"{c.label}: {tool}", c.runs.get(tool, []), repeat)
+            if failed:
+                out.append(failed)
     return out
-
-
-def raw_runs(cases: Sequence[Case]) -> str:
-    def num(x: float | None, fmt: str) -> str:
-        return "?" if x is None else format(x, fmt)
-
-    lines = []
-    for c in cases:
-        for tool in c.tools:
-            rs = c.runs[tool]
-            secs = ", ".join(f"{r.seconds:.2f}" if r.ok else "fail" for r in rs)
-            cpu = ", ".join(num(r.cpu_seconds, ".1f") for r in rs)
-            rss = ", ".join(num(r.maxrss_kb * 1024 / 1e6 if r.maxrss_kb else None, ".0f")
-                            for r in rs)
-            other = ", ".join(num(r.other_cpu, ".2f") for r in rs)
-            lines.append(f"- {c.label} / {tool}: wall {secs} s; cpu {cpu} s; peak RSS {rss} MB; "
-                         f"other load {other} CPUs")
-    return "\n".join(lines)
-
-
-def load_note(cases: Sequence[Case]) -> str:
-    """How busy the machine was with other work during the timed runs."""
-    vals = [r.other_cpu for c in cases for rs in c.runs.values() for r in rs
-            if r.other_cpu is not None]
-    if not vals:
-        return ""
-    mean, worst = sum(vals) / len(vals), max(vals)
-    ncpu = len(os.sched_getaffinity(0))
-    text = (f"Other load during the timed runs (CPU time of everything but the measured "
-            f"command, from /proc/stat, incl. kernel writeback threads): mean {mean:.2f}, "
-            f"max {worst:.2f} of {ncpu} CPUs.")
-    if mean > 0.25 or worst > 0.75:
-        text += (" **The machine was not idle: timings are noisy; compare the min column "
-                 "and rerun on a quiet machine.**")
-    return text
 
 
 def render(cases: Sequence[Case], *, corpus: Path, workdir: Path, repeat: int,
@@ -274,10 +225,11 @@ def render(cases: Sequence[Case], *, corpus: Path, workdir: Path, repeat: int,
     header = ["tag", "layers", "files", "compressed", "lamina s", "umoci s", "tar s",
               "lamina/umoci", "lamina/tar", "lamina peak RSS MB", "umoci peak RSS MB"]
     right = [False, True, True, True, True, True, True, True, True, True, True]
-    versions = (f"lamina {tool_version([*lamina, '--version']).removeprefix('lamina ')}, "
+    versions = (f"{lamina_version(lamina)}, "
                 f"{tool_version(['umoci', '--version'])}, {tool_version(['tar', '--version'])}")
-    rerun = shlex.join(["python", "bench/unpack.py", *argv])
     extra = list(notes(cases, repeat))
+    load = load_note((r for c in cases for rs in c.runs.values() for r in rs),
+                     incl=", incl. kernel writeback threads", compare="the min column")
     lines = [
         "## Unpack: lamina vs umoci vs GNU tar",
         "",
@@ -315,16 +267,11 @@ def render(cases: Sequence[Case], *, corpus: Path, workdir: Path, repeat: int,
         f"- files: regular files in lamina's rootfs. Peak RSS: largest max-RSS of the "
         f"command and its children, over all runs ({rss_method()}); MB = 10^6 bytes.",
         *[f"- {n}" for n in extra],
-        f"- {load_note(cases)}" if load_note(cases) else "",
+        f"- {load}" if load else "",
         "" if not rootless else "- Run as non-root: lamina and umoci with `--rootless`.",
-        "",
-        "<details><summary>per-run numbers</summary>",
-        "",
-        raw_runs(cases),
-        "",
-        "</details>",
-        "",
-        f"Rerun: `{rerun}` (from the repo root, with the venv's python).",
+        *report_tail([run_numbers(f"{c.label} / {tool}", c.runs[tool], cpu=".1f", kib=True)
+                      for c in cases for tool in c.tools],
+                     rerun_line("bench/unpack.py", argv)),
     ]
     return join_markdown(lines)
 
@@ -401,28 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rootless = os.geteuid() != 0
     drop = args.drop_caches and can_drop_caches()
     workdir = Path(args.workdir).resolve()
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="unpack-", dir=workdir))
-    print(f"unpack benchmark: {len(cases)} images x {len(tools)} tools x {args.repeat} runs, "
-          f"work dir {root} ({fs_type(root)})", file=sys.stderr)
-    try:
+    with scratch_dir(workdir, "unpack-") as root:
+        print(f"unpack benchmark: {len(cases)} images x {len(tools)} tools x {args.repeat} "
+              f"runs, work dir {root} ({fs_type(root)})", file=sys.stderr)
         for c in cases:
             run_case(c, root, args.repeat, lamina, rootless, args.timeout, drop)
-    finally:
-        remove_tree(root)
-        if created:
-            try:
-                workdir.rmdir()
-            except OSError:
-                pass
     body = render(cases, corpus=corpus, workdir=workdir, repeat=args.repeat, lamina=lamina,
                   rootless=rootless, argv=argv, drop=drop)
-    print(body)
-    if args.out:
-        out = Path(args.out)
-        replace_section(out, SECTION, body)
-        print(f"\nwrote section '{SECTION}' of {out}", file=sys.stderr)
+    publish(body, args.out, SECTION)
     return 0
 
 
