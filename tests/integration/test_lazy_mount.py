@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lazy_mounts import guard_lazy_mounts, unmount, unmount_all
 
 from conftest import run_lamina
 from lamina.oci.layout import OCILayout
@@ -26,23 +27,9 @@ CORPUS = "/var/tmp/lamina-corpus/oci"
 STATS = "user.lamina.lazy.stats"
 
 
-def _lamina_mounts() -> list[str]:
-    with open("/proc/mounts") as f:
-        return [ln for ln in f if "lamina-lazy" in ln or "fuse.lamina" in ln]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def no_leftover_mounts() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("lazy mounts are tested as root")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
-    before = _lamina_mounts()
-    yield
-    left = [m for m in _lamina_mounts() if m not in before]
-    for m in left:  # clean up, then fail: a test leaked a mount
-        subprocess.run(["umount", "-l", m.split()[1]], check=False)
-    assert not left, f"leftover lazy mounts: {left}"
+    yield from guard_lazy_mounts()
 
 
 @pytest.fixture
@@ -51,15 +38,11 @@ def run_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def mounted(tmp_path: Path, run_env: dict[str, str]) -> Iterator[list[Path]]:
+def mounted(run_env: dict[str, str]) -> Iterator[list[Path]]:
     """Mount points made by a test; each is unmounted in the finalizer."""
     points: list[Path] = []
     yield points
-    for p in points:
-        run_lamina(["umount", str(p)], env=run_env)     # no-op when already unmounted
-        with open("/proc/self/mounts") as f:   # a dead FUSE server defeats ismount()
-            if any(line.split()[1] == str(p) for line in f):
-                subprocess.run(["umount", "-l", str(p)], check=False)
+    unmount_all(points, run_env)
 
 
 def _mount(layout: str, mnt: Path, env: dict[str, str], *extra: str) -> dict[str, object]:
@@ -80,12 +63,6 @@ def _unpack(layout: str, bundle: Path) -> Path:
     r = run_lamina(["unpack", "-q", "--image", layout, str(bundle)])
     assert r.returncode == 0, r.stderr
     return bundle / "rootfs"
-
-
-def _unmount(mnt: Path, env: dict[str, str]) -> None:
-    r = run_lamina(["umount", str(mnt)], env=env)
-    assert r.returncode == 0, r.stderr
-    assert not os.path.ismount(mnt)
 
 
 def layered_image(layout: Path, compression: list[str]) -> None:
@@ -140,7 +117,7 @@ def test_tree_matches_full_unpack(tmp_path: Path, run_env: dict[str, str],
     with pytest.raises(OSError) as ei:
         (mnt / "etc/new").write_text("x")
     assert ei.value.errno == errno.EROFS
-    _unmount(mnt, run_env)
+    unmount(mnt, run_env)
 
 
 def test_only_read_files_are_fetched(tmp_path: Path, run_env: dict[str, str],
@@ -170,7 +147,7 @@ def test_only_read_files_are_fetched(tmp_path: Path, run_env: dict[str, str],
     # a second read comes from the cache
     assert (mnt / "etc/os-release").read_bytes() == b"ID=top\n"
     assert _stats(mnt)["blob_bytes_read"] == s2["blob_bytes_read"]
-    _unmount(mnt, run_env)
+    unmount(mnt, run_env)
 
 
 def test_corrupt_content_is_an_io_error(tmp_path: Path, run_env: dict[str, str],
@@ -191,7 +168,7 @@ def test_corrupt_content_is_an_io_error(tmp_path: Path, run_env: dict[str, str],
         (mnt / "f").read_bytes()
     assert ei.value.errno == errno.EIO
     assert _stats(mnt)["files_fetched"] == 0
-    _unmount(mnt, run_env)
+    unmount(mnt, run_env)
 
 
 def test_bad_input_is_refused_before_mounting(tmp_path: Path, run_env: dict[str, str]) -> None:
@@ -259,7 +236,7 @@ def test_sigterm_and_external_umount_unmount_cleanly(tmp_path: Path, run_env: di
     os.kill(_daemon_pid(out), signal.SIGKILL)
     assert _wait_gone(_daemon_pid(out))
     assert isinstance(out["cache"], str) and os.path.isdir(out["cache"])
-    _unmount(mnt, run_env)
+    unmount(mnt, run_env)
     assert not os.path.exists(out["cache"])
 
 
@@ -279,7 +256,7 @@ def test_writable_overlay_on_top(tmp_path: Path, run_env: dict[str, str],
     assert (state / "upper/etc/os-release").read_text() == "ID=top\nX=1\n"
     assert os.stat(state / "upper/usr/big", follow_symlinks=False).st_rdev == 0  # whiteout
     pid = _daemon_pid(out)
-    _unmount(mnt, run_env)
+    unmount(mnt, run_env)
     assert _wait_gone(pid)
     assert not os.path.ismount(state / "lower")
     assert (state / "upper/etc/added").exists()
@@ -303,7 +280,7 @@ def test_corpus_app_matches_full_unpack(tmp_path: Path, run_env: dict[str, str],
     diff = diff_manifests(tree_manifest(str(full)), tree_manifest(str(mnt)),
                           names=("unpack", "lazy"))
     assert diff == []
-    _unmount(mnt, run_env)
+    unmount(mnt, run_env)
 
 
 def test_lazy_driver_bundle_repack(tmp_path: Path) -> None:
@@ -362,4 +339,4 @@ def test_lookup_hook_provides_a_missing_blob(tmp_path: Path, run_env: dict[str, 
     events = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
     assert len(events) == 1                  # once per layer
     assert events[0]["event"] == "lookup" and events[0]["layer"]["digest"].endswith(blob.name)
-    _unmount(mnt, run_env)
+    unmount(mnt, run_env)

@@ -19,7 +19,6 @@ import errno
 import hashlib
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +26,9 @@ from typing import Any
 
 import httpx
 import pytest
+from lazy_mounts import guard_lazy_mounts, unmount, unmount_all
 from registry_servers import FaultProxy, ReferrersFront, Registry, TokenServer
-from test_lazy_mount import _lamina_mounts, _stats, _unpack, layered_image
+from test_lazy_mount import _stats, _unpack, layered_image
 
 from conftest import need_tool, run_lamina
 from lamina.oci.layout import OCILayout
@@ -41,16 +41,7 @@ pytestmark = [pytest.mark.root]
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leftover_mounts() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("lazy mounts are tested as root")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
-    before = _lamina_mounts()
-    yield
-    left = [m for m in _lamina_mounts() if m not in before]
-    for m in left:
-        subprocess.run(["umount", "-l", m.split()[1]], check=False)
-    assert not left, f"leftover lazy mounts: {left}"
+    yield from guard_lazy_mounts()
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +68,7 @@ def run_env(tmp_path: Path) -> dict[str, str]:
 def mounted(run_env: dict[str, str]) -> Iterator[list[Path]]:
     points: list[Path] = []
     yield points
-    for p in points:
-        run_lamina(["umount", str(p)], env=run_env)
-        with open("/proc/self/mounts") as f:
-            if any(line.split()[1] == str(p) for line in f):
-                subprocess.run(["umount", "-l", str(p)], check=False)
+    unmount_all(points, run_env)
 
 
 def ok(*args: str, env: dict[str, str] | None = None) -> Any:
@@ -95,12 +82,6 @@ def mount(ref: str, mnt: Path, env: dict[str, str], *extra: str) -> dict[str, An
     out: dict[str, Any] = ok("mount", "--insecure", *extra, ref, str(mnt), env=env)
     assert os.path.ismount(mnt)
     return out
-
-
-def umount(mnt: Path, env: dict[str, str]) -> None:
-    r = run_lamina(["umount", str(mnt)], env=env)
-    assert r.returncode == 0, r.stderr
-    assert not os.path.ismount(mnt)
 
 
 def layer_digests(layout: Path, tag: str) -> dict[str, int]:
@@ -179,7 +160,7 @@ def test_mount_from_registry(registry: Registry, proxy: FaultProxy, tmp_path: Pa
     full = _unpack(f"{tmp_path}/pulled:t", tmp_path / "b")
     assert diff_manifests(tree_manifest(str(full)), tree_manifest(str(mnt)),
                           names=("unpack", "lazy")) == []
-    umount(mnt, run_env)
+    unmount(mnt, run_env)
 
 
 def _flip(registry: Registry, digest: str, at: int) -> None:
@@ -214,7 +195,7 @@ def test_corrupt_blob_in_registry_is_an_io_error(registry: Registry, tmp_path: P
     # the damage is per file: the rest of the layer still reads
     assert (mnt / "other").read_bytes() == b"untouched\n"
     assert _stats(mnt)["files_fetched"] == 1
-    umount(mnt, run_env)
+    unmount(mnt, run_env)
 
 
 def test_missing_index_then_published_from_the_registry(
@@ -246,7 +227,7 @@ def test_missing_index_then_published_from_the_registry(
     mounted.append(mnt)
     mount(f"docker://{ref}", mnt, run_env, "--index-digest", res["artifacts"][0]["digest"])
     assert (mnt / "etc/os-release").read_bytes() == b"ID=top\n"
-    umount(mnt, run_env)
+    unmount(mnt, run_env)
     # a pinned index of another image is refused before mounting
     layered_image(tmp_path / "l2", ["none", "none", "none"])
     other = ok("push", "--insecure", "--lazy-index", "--layout", f"{tmp_path}/l2:t",
@@ -288,7 +269,7 @@ def test_token_expiring_mid_mount_is_renewed(tmp_path: Path, run_env: dict[str, 
         assert (mnt / "b").read_bytes() == b        # 401 -> new token -> the range again
         assert sum(1 for q in tokens.requests if q["user"] == "bob") > issued
         assert _stats(mnt)["files_fetched"] == 2
-        umount(mnt, run_env)
+        unmount(mnt, run_env)
     finally:
         reg.stop()
         tokens.close()
@@ -306,7 +287,7 @@ def test_cache_keeps_index_and_contents(registry: Registry, proxy: FaultProxy, t
     remote = f"docker://{proxy.host}/lazy/cached:t"
     mount(remote, mnt, run_env, "--cache", str(cache))
     assert (mnt / "etc/os-release").read_bytes() == b"ID=top\n"
-    umount(mnt, run_env)
+    unmount(mnt, run_env)
     first = len(proxy.served)
     index_blobs = {p for m, p, _r, _n in proxy.served if m == "GET" and "/blobs/" in p}
     out = mount(remote, mnt, run_env, "--cache", str(cache))
@@ -317,7 +298,7 @@ def test_cache_keeps_index_and_contents(registry: Registry, proxy: FaultProxy, t
     # the second mount fetched manifests only: no blob (index, config or layer) again
     again = [p for m, p, _r, _n in proxy.served[first:] if m == "GET" and "/blobs/" in p]
     assert again == [] and index_blobs
-    umount(mnt, run_env)
+    unmount(mnt, run_env)
     assert any(p.name == "index" for p in cache.iterdir())
 
 
@@ -340,7 +321,7 @@ def test_registry_with_the_referrers_api(registry: Registry, tmp_path: Path,
         mounted.append(mnt)
         mount(f"docker://{ref}", mnt, run_env)
         assert (mnt / "etc/os-release").read_bytes() == b"ID=top\n"
-        umount(mnt, run_env)
+        unmount(mnt, run_env)
         asked = [(m, p, s) for m, p, s in front.requests if "/referrers/" in p]
         assert asked and all(m == "GET" and s == 200 for m, p, s in asked)
         assert all(f"/referrers/{pushed['digest']}?artifactType=" in p for _m, p, _s in asked)
