@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from lamina.errors import CorruptLayerError, DigestMismatchError, LaminaError, NotFoundError
-from lamina.lazy.index import SPACING, CountingFile, LayerIndex
+from lamina.lazy.index import SPACING, CountingFile, LayerIndex, removed_on_error
 from lamina.lazy.model import Node
 
 _CHUNK = 1 << 20
@@ -80,6 +80,18 @@ def _hint(f: BlobFile, start: int, end: int) -> None:
     hint: Callable[[int, int], None] | None = getattr(f, "hint", None)
     if hint is not None:
         hint(start, end)
+
+
+def _read_exactly(f: BlobFile, size: int, blob: str) -> Iterator[bytes]:
+    """*size* bytes of *f* (a blob or its gzip stream) from where it stands, in chunks;
+    ending sooner means the layer *blob* is not what was indexed."""
+    left = size
+    while left:
+        data = f.read(min(left, _CHUNK))
+        if not data:
+            raise CorruptLayerError(f"layer {blob} ends inside a file's data")
+        left -= len(data)
+        yield data
 
 
 class LookupPlugin(Protocol):
@@ -180,7 +192,7 @@ class Fetcher:
             return path
         h = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".fetch-")
-        try:
+        with removed_on_error(tmp):
             with os.fdopen(fd, "wb") as out:
                 chunks = self._read_range(node.layer, node.offset, node.size)
                 while (chunk := self._next(node.layer, chunks)) is not None:
@@ -191,12 +203,6 @@ class Fetcher:
                     f"content of a file in layer {self.layers[node.layer].blob} does not "
                     "match the lazy index", hint="the blob changed since it was indexed")
             os.rename(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         self.stats.files_fetched += 1
         self.stats.file_bytes_fetched += node.size
         return path
@@ -287,13 +293,7 @@ class Fetcher:
                     ahead -= len(got)
             else:
                 g.seek(offset)
-            left = size
-            while left:
-                data = g.read(min(left, _CHUNK))
-                if not data:
-                    raise CorruptLayerError(f"layer {li.blob} ends inside a file's data")
-                left -= len(data)
-                yield data
+            yield from _read_exactly(g, size, li.blob)
             return
         if li.compression == "zstd" and li.seek_path:
             yield from self._zstd_frames(layer, offset, size)
@@ -306,13 +306,7 @@ class Fetcher:
             _hint(f, offset, offset + size)
         try:
             f.seek(offset)
-            left = size
-            while left:
-                data = f.read(min(left, _CHUNK))
-                if not data:
-                    raise CorruptLayerError(f"layer {li.blob} ends inside a file's data")
-                left -= len(data)
-                yield data
+            yield from _read_exactly(f, size, li.blob)
         finally:
             f.close()
 
@@ -364,7 +358,7 @@ class Fetcher:
         import zstandard
         path = os.path.join(self.cache_dir, self.layers[layer].blob.split(":", 1)[1] + ".tar")
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".zstd-")
-        try:
+        with removed_on_error(tmp):
             with os.fdopen(fd, "wb") as out:
                 src = self._open(layer)
                 try:
@@ -373,11 +367,5 @@ class Fetcher:
                 finally:
                     src.close()
             os.rename(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         self._zst[layer] = path
         return path

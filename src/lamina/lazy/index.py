@@ -30,12 +30,13 @@ written to a temporary name and renamed, so a reader never sees half an index.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,10 +279,18 @@ def atomic_write(path: str, data: bytes) -> None:
 def _atomic(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     os.close(fd)
-    try:
+    with removed_on_error(tmp):
         write(tmp)
         os.chmod(tmp, 0o644)
         os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: str) -> Iterator[None]:
+    """Remove the temporary file *tmp* if the block fails (even on KeyboardInterrupt)
+    before it renamed *tmp* into place; the error goes on."""
+    try:
+        yield
     except BaseException:
         try:
             os.unlink(tmp)
