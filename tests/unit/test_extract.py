@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import CorruptLayerError, UnsafeLayerError
+from lamina.layer.extract import ExtractOptions, LayerStats, RootfsWriter
 from lamina.layer.idmap import ROOTLESS_XATTR, decode_rootless
+from lamina.layer.tarstream import TarReader
 from lamina.testing.extract import apply_layers
 
 Member = tuple[str, bytes, dict[str, object]]
@@ -166,3 +168,25 @@ def test_modes_and_mtimes(tmp_path: Path) -> None:
     assert (os.stat(r / "ro/f").st_mode & 0o7777) == 0o4711
     assert (os.stat(r / "t").st_mode & 0o7777) == 0o1777
     assert os.stat(r / "ro").st_mtime == 1_600_000_000
+
+
+def test_removed_directories_leave_dir_meta_and_nothing_else_does(tmp_path: Path) -> None:
+    # names that sort between "a/b" and "a/b/..." (or just after) must survive the
+    # removal of a/b; directories added after a removal are indexed for the next one
+    root = tmp_path / "r"
+    root.mkdir()
+    w = RootfsWriter(str(root), ExtractOptions(rootless=True))
+    lower = ["a", "a/b", "a/b/c", "a/b/c/d", "a/b!x", "a/b.d", "a/bc", "a/b0", "a/b0/b", "z"]
+    try:
+        w.apply(TarReader(io.BytesIO(layer(*(("d", n) for n in lower))).read), LayerStats())
+        assert set(w.dir_meta) == set(lower)
+        w.apply(TarReader(io.BytesIO(layer(("f", "a/.wh.b"), ("d", "a/b2"), ("d", "a/b2/e"),
+                                           ("d", "a/b0/x"))).read), LayerStats())
+        assert set(w.dir_meta) == {"a", "a/b!x", "a/b.d", "a/bc", "a/b0", "a/b0/b", "a/b0/x",
+                                   "z", "a/b2", "a/b2/e"}
+        w.apply(TarReader(io.BytesIO(layer(("f", ".wh.z"), ("f", "a/.wh.b2"),
+                                           ("f", "a/b0/.wh..wh..opq"))).read), LayerStats())
+        assert set(w.dir_meta) == {"a", "a/b!x", "a/b.d", "a/bc", "a/b0"}
+        assert sorted(tree(root)) == ["a", "a/b!x", "a/b.d", "a/b0", "a/bc"]
+    finally:
+        w.close()

@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import stat
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -163,6 +164,10 @@ class RootfsWriter:
         self._dirs: dict[str, tuple[int, str]] = {"": (self.root_fd, "")}
         self._stale: list[int] = []   # dropped fds that a caller may still be using
         self.dir_meta: dict[str, tuple[int, int]] = {}   # real path -> (mode, mtime_ns)
+        # dir_meta's keys sorted, for removals: rebuilt when its size changed (the only
+        # deletions are _remove's, which keeps it in step; everything else adds keys)
+        self._meta_keys: list[str] = []
+        self._meta_len = 0
         self.hashes: dict[str, bytes] = {}                # real path -> sha256 of content
         self._layer = wh.LayerPaths()
         self._warned: set[str] = set()
@@ -305,11 +310,26 @@ class RootfsWriter:
         if stat.S_ISDIR(mode):
             self._drop_cache()
             shutil.rmtree(name, dir_fd=pfd)
-            prefix = real + "/"
-            for k in [k for k in self.dir_meta if k == real or k.startswith(prefix)]:
-                del self.dir_meta[k]
+            self._forget_dirs(real)
         else:
             os.unlink(name, dir_fd=pfd)
+
+    def _forget_dirs(self, real: str) -> None:
+        """Drop *real* and every directory below it from dir_meta: a range of its sorted
+        keys (those starting with "real/"), so that removing many directories from a
+        big tree (an opaque directory) does not scan every directory per removal."""
+        meta, keys = self.dir_meta, self._meta_keys
+        if len(meta) != self._meta_len:
+            keys = self._meta_keys = sorted(meta)
+        # "0" follows "/": [real/, real0) holds exactly the keys starting with "real/"
+        lo = bisect_left(keys, real + "/")
+        hi = bisect_left(keys, real + "0", lo)
+        for k in keys[lo:hi]:
+            del meta[k]
+        del keys[lo:hi]
+        if meta.pop(real, None) is not None:
+            del keys[bisect_left(keys, real)]
+        self._meta_len = len(meta)
 
     def _clear_lower(self, pfd: int, name: str, real: str) -> None:
         """Remove whatever lies at/below *real* that the current layer did not write."""
