@@ -205,3 +205,36 @@ def test_check_capabilities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert check_capabilities(Capabilities(needs_root=True), None) == "needs root"
     assert check_capabilities(Capabilities(rootless_ok=False), None) == \
         "does not support rootless use"
+
+
+def test_builtins_are_lamina_entry_points() -> None:
+    from importlib import metadata
+
+    from lamina.drivers.registry import BUILTINS
+    eps = metadata.distribution("lamina").entry_points
+    assert {ep.name: ep.value for ep in eps if ep.group == "lamina.drivers"} == BUILTINS
+
+
+def test_deferred_registry_scans_only_when_needed(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _dist(tmp_path, "lamina_thirdparty2", "lamina_tp_mod2", _PLUGIN,
+          "thirdparty2 = lamina_tp_mod2:Factory\nobjects = lamina_tp_mod2:Factory\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scans: list[int] = []
+    real_scan = Registry._scan
+
+    def counted(self: Registry) -> None:
+        scans.append(1)
+        real_scan(self)
+
+    monkeypatch.setattr(Registry, "_scan", counted)
+    reg = Registry.deferred()
+    objects = reg.entry("objects")       # a forced built-in: no scan
+    assert objects.origin == "lamina" and objects.target == "lamina.drivers.objects:factory"
+    assert reg.get("objects").name == "objects" and not scans
+    # the scan keeps the built-in (a plugin cannot take its name) and finds the plugin
+    assert reg.entry("thirdparty2").origin == "lamina_thirdparty2" and scans == [1]
+    assert reg.entry("objects") is objects
+    assert reg.names() == Registry.from_entry_points().names() and scans == [1, 1]
+    with pytest.raises(UsageError, match="already registered"):
+        Registry.deferred().register("thirdparty2", "x:y")

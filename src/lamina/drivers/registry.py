@@ -9,6 +9,11 @@ are declared in its pyproject.toml exactly as a third party declares one::
 Nothing is imported until a driver is needed: an entry is a "module:attr"
 string, resolved on first use (an attribute that is a class is instantiated
 without arguments).  :func:`register` adds one at run time (tests, embedders).
+The default registry reads the entry points only when it needs more than a
+built-in named by ``--driver`` (:data:`BUILTINS`, lamina's own entry points):
+a plugin cannot take a built-in's name, so no scan can change that answer,
+and scanning every installed distribution is a noticeable part of a small
+unpack's run time.
 
 Which driver serves an unpack (:func:`select`): ``--driver NAME`` forces one;
 otherwise third-party drivers are asked first (sorted by name, so the order
@@ -26,7 +31,6 @@ import dataclasses
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 from lamina.drivers.base import ClaimRequest, Driver, DriverFactory, cannot_run
@@ -36,6 +40,14 @@ GROUP = "lamina.drivers"
 DIST = "lamina"
 # built-ins, in the order they are asked; btrfs declines unless the store is on btrfs
 BUILTIN_ORDER = ("overlay", "btrfs", "objects", "copy")
+# lamina's entry points (pyproject.toml; a test keeps the two equal)
+BUILTINS = {
+    "copy": "lamina.drivers.copy:factory",
+    "overlay": "lamina.drivers.overlay:factory",
+    "objects": "lamina.drivers.objects:factory",
+    "btrfs": "lamina.drivers.btrfs:factory",
+    "lazy": "lamina.drivers.lazy:factory",
+}
 
 
 @dataclass
@@ -89,35 +101,61 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        self._unscanned = False     # entry points still to read (a deferred registry)
 
     @classmethod
     def from_entry_points(cls) -> Registry:
         reg = cls()
+        reg._scan()
+        return reg
+
+    @classmethod
+    def deferred(cls) -> Registry:
+        """A registry that reads the entry points on first need (see the module
+        docstring): :meth:`entry` of a built-in name does not."""
+        reg = cls()
+        reg._unscanned = True
+        return reg
+
+    def _scan(self) -> None:
+        self._unscanned = False
+        from importlib import metadata  # slow to import: only when scanning
         for ep in metadata.entry_points(group=GROUP):
             dist = ep.dist.name if ep.dist is not None else "?"
-            if ep.name in reg._entries and reg._entries[ep.name].builtin:
+            if ep.name in self._entries and self._entries[ep.name].builtin:
                 continue  # a plugin cannot replace a built-in by reusing its name
-            reg._entries[ep.name] = Entry(ep.name, ep.value, DIST if dist == DIST else dist)
-        return reg
+            self._entries[ep.name] = Entry(ep.name, ep.value, DIST if dist == DIST else dist)
+
+    def _scanned(self) -> dict[str, Entry]:
+        if self._unscanned:
+            self._scan()
+        return self._entries
 
     def register(self, name: str, target: str | DriverFactory, origin: str = "runtime",
                  clobber: bool = False) -> None:
         """Add a driver ("module:attr" or a factory object)."""
-        if name in self._entries and not clobber:
+        if name in self._scanned() and not clobber:
             raise UsageError(f"driver {name} is already registered")
         self._entries[name] = Entry(name, target, origin)
 
     def names(self) -> list[str]:
         """Every driver, in the order :func:`select` asks them."""
-        third = sorted(n for n, e in self._entries.items() if not e.builtin)
-        builtin = [n for n in BUILTIN_ORDER if n in self._entries]
-        rest = sorted(n for n, e in self._entries.items()
-                      if e.builtin and n not in BUILTIN_ORDER)
+        entries = self._scanned()
+        third = sorted(n for n, e in entries.items() if not e.builtin)
+        builtin = [n for n in BUILTIN_ORDER if n in entries]
+        rest = sorted(n for n, e in entries.items() if e.builtin and n not in BUILTIN_ORDER)
         return third + builtin + rest
 
     def entry(self, name: str) -> Entry:
+        got = self._entries.get(name)
+        if got is not None:
+            return got
+        if self._unscanned and name in BUILTINS:
+            # the scan keeps a built-in it already holds, as it keeps lamina's own
+            got = self._entries[name] = Entry(name, BUILTINS[name], DIST)
+            return got
         try:
-            return self._entries[name]
+            return self._scanned()[name]
         except KeyError:
             raise UsageError(f"unknown driver {name!r}",
                              hint="known drivers: " + ", ".join(self.names())) from None
@@ -135,7 +173,7 @@ _default: Registry | None = None
 def default_registry() -> Registry:
     global _default
     if _default is None:
-        _default = Registry.from_entry_points()
+        _default = Registry.deferred()
     return _default
 
 
