@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,8 @@ from lamina.drivers.materialize import (
 from lamina.drivers.objects import TREES, ObjectsDriver
 from lamina.drivers.objects import factory as objects_factory
 from lamina.layer.extract import ExtractOptions, LayerStats
-from lamina.layer.snapshot import take_snapshot
+from lamina.layer.snapshot import read_snapshot, take_snapshot
+from lamina.layer.tarstream import TarEntry
 from lamina.store import Store, StoreOptions
 from lamina.testing.extract import apply_layers
 from lamina.testing.images import build_image
@@ -277,7 +278,7 @@ def test_failed_replay_starts_over_layer_by_layer(tmp_path: Path, store: Store,
     real = StoreRootfsWriter.replay
 
     def half_then_fail(self: StoreRootfsWriter, entries: list[materialize.RecordEntry],
-                       fds: list[int]) -> None:
+                       fds: list[int], dropped: object = ()) -> None:
         real(self, entries[:5], fds)
         raise OSError(5, "injected")
 
@@ -321,3 +322,105 @@ def test_small_layers_on_a_recorded_prefix_are_not_recorded(tmp_path: Path, stor
     assert again.reused == 1            # the lower layer's record; the rest applied again
     assert diff_manifests(_manifest(tmp_path / "a1/rootfs"), _manifest(tmp_path / "a2/rootfs"),
                           ignore_root=True) == []
+
+
+# -- what the layer above a replay hides ------------------------------------------------------
+
+def _e(kind: str, path: str, src: object = None, size: int = 0,
+       xattrs: tuple[tuple[bytes, bytes], ...] = ()) -> materialize.RecordEntry:
+    return (kind, path, 0o755, 0, 0, 0, xattrs, src, size, None)
+
+
+def _layer(*members: tuple[str, str]) -> list[TarEntry]:
+    return [TarEntry(name, kind, 0o644, 0, 0, 0, 0, linkname="x" if kind == "hardlink" else "")
+            for kind, name in members]
+
+
+_FARM = (0, b"\0" * 32)
+_RECORD = [_e("d", "a"), _e("d", "a/o"), _e("d", "a/o/d"), _e("d", "a/keep"), _e("d", "a/o!"),
+           _e("f", "a/o/f", _FARM, 3), _e("f", "a/o/d/g", _FARM, 3), _e("l", "a/o/s", "f"),
+           _e("f", "a/o!/f", _FARM, 3), _e("f", "a/w", _FARM, 3), _e("f", "a/wx", _FARM, 3),
+           _e("h", "a/o/h", "a/o/f")]
+
+
+def test_prune_drops_what_whiteouts_hide_and_nothing_else() -> None:
+    layer = _layer(("dir", "a/o/"), ("file", "a/o/.wh..wh..opq"), ("file", "a/.wh.w"),
+                   ("file", "a/o/new"))
+    got = materialize.prune_hidden(_RECORD, layer, False)
+    assert got is not None
+    kept, dropped = got
+    assert sorted(e[1] for e in dropped) == ["a/o/d", "a/o/d/g", "a/o/f", "a/o/h", "a/o/s",
+                                            "a/w"]
+    assert kept + dropped == sorted(_RECORD, key=lambda e: e[1] in {x[1] for x in dropped})
+    # a directory the layer writes below keeps its lower metadata: never dropped
+    kept, dropped = materialize.prune_hidden(
+        _RECORD, [*layer, *_layer(("file", "a/o/d/new"))], False) or ([], [])
+    assert "a/o/d" in {e[1] for e in kept} and "a/o/d/g" in {e[1] for e in dropped}
+
+
+@pytest.mark.parametrize("case", ["hardlink", "record-symlink", "layer-symlink", "xattrs",
+                                  "copied", "linked-from-kept", "dirlinks", "nothing"])
+def test_prune_declines_what_it_cannot_be_sure_of(case: str) -> None:
+    record = list(_RECORD)
+    layer = _layer(("file", "a/o/.wh..wh..opq"))
+    if case == "hardlink":
+        layer += _layer(("hardlink", "a/o/x"))
+    elif case == "record-symlink":      # a/o/s/x resolves through the record's symlink
+        layer += _layer(("file", "a/o/s/x"))
+    elif case == "layer-symlink":
+        layer += _layer(("symlink", "b"), ("file", "b/x"))
+    elif case == "xattrs":              # a refused xattr is warned about
+        record.append(_e("f", "a/o/x", _FARM, 3, xattrs=((b"user.k", b"v"),)))
+    elif case == "copied":              # cloned or copied: counted apart
+        record.append(_e("f", "a/o/x", None, 3))
+    elif case == "linked-from-kept":
+        record.append(_e("h", "a/keep/h", "a/o/f"))
+    elif case == "nothing":
+        layer = _layer(("file", "a/new"), ("file", "a/.wh.missing"))
+    assert materialize.prune_hidden(record, layer, case == "dirlinks") is None
+
+
+@pytest.mark.skipif(not ROOT, reason="link farms with owners need root")
+def test_replay_under_an_opaque_layer_makes_the_same_bundle(tmp_path: Path, store: Store,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    lower = TarBuilder().add_dir("keep", 0o750, mtime=5).add_file("keep/f", b"k")
+    for i in range(30):
+        lower.add_file(f"o/d{i % 3}/f{i}", bytes([i]) * (i + 1), uid=i)
+    lower.add_hardlink("o/d0/h", "o/d0/f0").add_symlink("o/s", "d1").add_file("o/e", b"")
+    top = (TarBuilder().add_dir("o", 0o711, mtime=7).add_opaque("o").add_file("o/new", b"n")
+           .add_whiteout("keep/f").build())
+    build_image(str(tmp_path / "lay"), "t", [lower.build(), top])
+    store.import_image(str(tmp_path / "lay"), "t", "img:t")
+    dropped: list[int] = []
+    real = StoreRootfsWriter.replay
+
+    def spy(self: StoreRootfsWriter, entries: list[materialize.RecordEntry], fds: list[int],
+            hidden: Sequence[materialize.RecordEntry] = ()) -> None:
+        dropped.append(len(hidden))
+        real(self, entries, fds, hidden)
+
+    monkeypatch.setattr(StoreRootfsWriter, "replay", spy)
+
+    def bundle(name: str) -> tuple[dict[str, object], list[tuple[object, ...]]]:
+        drv = _prepare(store, "img:t", tmp_path / name, read_only=True)
+        assert drv.reused == 2          # the lower layer's record, the top layer's farm
+        meta = json.loads((tmp_path / name / "lamina.json").read_text())["objects"]
+        with open(tmp_path / name / "lamina.snapshot", "rb") as f:
+            # not ctime, inode, nor the root's mtime (when it was made: no layer sets it)
+            rows = [r[:7] + r[9:] for r in read_snapshot(f) if r[0]]
+        return meta, rows
+
+    # the first unpack records the lower layer (not the top: too few entries); the next
+    # ones replay it, pruned or not
+    monkeypatch.setattr(objects, "RECORD_MIN", 10)
+    _prepare(store, "img:t", tmp_path / "first", read_only=True)
+    dropped.clear()
+    pruned = bundle("pruned")
+    assert dropped == [37]          # in o: 3 dirs, 30 files, link, symlink, empty file; keep/f
+    monkeypatch.setattr(objects, "prune_hidden", lambda *a: None)
+    whole = bundle("whole")
+    assert dropped[-1] == 0
+    assert pruned == whole
+    assert diff_manifests(_manifest(tmp_path / "whole/rootfs"),
+                          _manifest(tmp_path / "pruned/rootfs"), ignore_root=True) == []

@@ -358,10 +358,15 @@ class StoreRootfsWriter(RootfsWriter):
         self.xattr_paths.add(real)
         return super()._hardlink(e, pfd, name, real, final)
 
-    def replay(self, entries: list[RecordEntry], farm_fds: list[int]) -> None:
+    def replay(self, entries: list[RecordEntry], farm_fds: list[int],
+               dropped: Sequence[RecordEntry] = ()) -> None:
         """Create a recorded tree (see :func:`record_tree`) in the empty root, before
         any layer is applied; fills :attr:`hashes` and :attr:`dir_meta` as applying
-        the chain's layers would have.  Raises OSError, leaving a half-made tree."""
+        the chain's layers would have.  Raises OSError, leaving a half-made tree.
+
+        *dropped*: entries of the record not made because the next layer hides them
+        (:func:`prune_hidden`); counted and remembered as if they had been made and
+        then removed by that layer."""
         assert _fastpath is not None
         cloned, copied, linked, refused = _fastpath.replay_tree(
             self.root_fd, self.objects_fd, farm_fds, entries, self.placement == "copy",
@@ -370,12 +375,18 @@ class StoreRootfsWriter(RootfsWriter):
         self.place.cloned += cloned
         self.place.copied += copied
         self.place.linked += linked
+        for e in dropped:
+            if e[0] == "f" and type(e[7]) is tuple:
+                self.place.linked += 1
+            if e[0] in ("f", "h") and e[9] is not None:
+                self.hashes[e[1]] = e[9]    # (a removal leaves a path's hash, too)
         for path, bname, err in refused:
             name = bname.decode("utf-8", "surrogateescape")
             self.warn_once(f"xattr:{name.split('.')[0]}:{err}",
                            f"cannot set xattr {name} on /{path}: {os.strerror(err)} "
                            "(further such xattrs are skipped silently)")
-        self.xattr_paths.update(e[1] for e in entries if e[6] or e[0] == "h")
+        for es in (entries, dropped):
+            self.xattr_paths.update(e[1] for e in es if e[6] or e[0] == "h")
 
     # -- directories of lower layers ------------------------------------------------------
     def _resolve(self, comps: tuple[str, ...], create: bool,
@@ -413,7 +424,7 @@ class StoreRootfsWriter(RootfsWriter):
         if e.kind != "file" or chunk is None or self._farm_writer is None:
             super()._apply_entry(e, reader, pfd, name, real, stats)
             return
-        fname = self._farm_inode(e, reader, chunk)
+        fname = self.farm_inode(e, reader, chunk)
         try:
             os.link(fname, name, src_dir_fd=self._farm_fd, dst_dir_fd=pfd,
                     follow_symlinks=False)
@@ -426,7 +437,8 @@ class StoreRootfsWriter(RootfsWriter):
         stats.files += 1
         stats.bytes += e.size
 
-    def _farm_inode(self, e: TarEntry, reader: TarReader, chunk: Chunk) -> str:
+    def farm_inode(self, e: TarEntry, reader: TarReader, chunk: Chunk) -> str:
+        """The name of the farm inode for file entry *e* (content *chunk*), made if missing."""
         h = hashlib.sha256(self._farm_key)
         assert chunk.name is not None
         h.update(chunk.name + f"|{e.mode}|{e.uid}|{e.gid}|{e.mtime_ns}".encode())
@@ -652,6 +664,95 @@ def record_tree(writer: StoreRootfsWriter, rows: Mapping[str, tuple[object, ...]
         else:
             g.append(e)
     return dirs + [e for g in groups.values() for e in g] + links
+
+
+def split_entries(split_path: str) -> list[TarEntry]:
+    """The members of a stored layer (headers only: no object is opened)."""
+    with open(split_path, "rb", buffering=1 << 20) as f:
+        reader = SplitTarReader(f)
+        out = list(reader)
+        reader.drain()
+    return out
+
+
+def prune_hidden(entries: list[RecordEntry], layer: Sequence[TarEntry], keep_dirlinks: bool
+                 ) -> tuple[list[RecordEntry], list[RecordEntry]] | None:
+    """Split a record's *entries* into those to replay and those the whiteouts of
+    *layer* (the layer applied right after the replay) would remove again at once
+    (an opaque directory's lower content); None when that is not certain.
+
+    Dropping is sound where the layer's own paths resolve without a symlink of the
+    record or of the layer (so lexical paths are the real ones the writer will
+    mark): an entry below a whiteout is dropped unless the layer writes it or
+    writes below it (the writer keeps those, with their lower metadata), and no
+    replayed hardlink names a dropped path.  Applying *layer* then removes nothing
+    that was replayed and leaves the same tree as replaying everything.  Dropped
+    entries must not change what the replay reports (see
+    :meth:`StoreRootfsWriter.replay`): none has xattrs (a refused one is warned
+    about) or content that is no farm inode (cloned or copied: counted apart).
+    """
+    from lamina.errors import LaminaError
+    from lamina.layer import whiteout as wh
+    from lamina.layer.extract import clean_name
+    if keep_dirlinks:
+        return None     # a layer directory may keep a record's symlink: not lexical
+    keep: set[str] = set()          # paths the layer writes, or writes below
+    parents: set[str] = set()       # paths the layer resolves: record directories or new
+    nondirs: set[str] = set()       # the layer's own non-directories
+    opaque: list[str] = []          # directories whose lower children are hidden
+    whited: list[str] = []          # paths hidden with everything below them
+    try:
+        for te in layer:
+            if te.kind == "skip":
+                continue
+            if te.kind == "hardlink":
+                return None     # its target may be a lower file the layer keeps
+            comps = clean_name(te.name)
+            marker = wh.is_marker(te.name, comps)
+            if not comps:
+                continue
+            for i in range(1, len(comps)):
+                p = "/".join(comps[:i])
+                if p in nondirs:
+                    return None     # resolved through the layer's symlink (or an error)
+                parents.add(p)
+            path = "/".join(comps)
+            parent = path.rpartition("/")[0] if len(comps) > 1 else ""
+            if not marker:
+                keep.add(path)
+                if te.kind != "dir":
+                    nondirs.add(path)
+            elif comps[-1] == wh.OPAQUE:
+                opaque.append(parent)
+            else:
+                target = wh.hidden_name(comps[-1], te.name)
+                if target is not None:
+                    whited.append(f"{parent}/{target}" if parent else target)
+    except LaminaError:
+        return None             # the layer is refused when applied: nothing to gain
+    if not opaque and not whited:
+        return None
+    keep |= parents
+    exact = set(whited)
+    prefixes = tuple([f"{p}/" if p else "" for p in opaque] + [f"{p}/" for p in whited])
+    kept: list[RecordEntry] = []
+    dropped: list[RecordEntry] = []
+    for e in entries:
+        path = e[1]
+        if path in parents and e[0] != "d":
+            return None     # resolved through the record's symlink (or an error ahead)
+        if (path.startswith(prefixes) or path in exact) and path and path not in keep:
+            if e[6] or (e[0] == "f" and type(e[7]) is not tuple and e[8]):
+                return None
+            dropped.append(e)
+        else:
+            kept.append(e)
+    if not dropped:
+        return None
+    gone = {e[1] for e in dropped}
+    if any(e[0] == "h" and e[7] in gone for e in kept):
+        return None             # a kept path is a hardlink of a dropped one
+    return kept, dropped
 
 
 @dataclass

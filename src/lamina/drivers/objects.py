@@ -28,6 +28,17 @@ Which placement a bundle gets:
 Links and clones need the bundle on the store's filesystem; elsewhere files
 are copied (``link`` falls back to ``clone``, which copies).
 
+The small layer right above a replayed record is read first: what its
+whiteouts would remove again at once (an opaque directory's lower content) is
+not replayed (:func:`~lamina.drivers.materialize.prune_hidden`).
+
+A small layer's missing link farm (a tar-split of at most :data:`PREBUILD_MAX`
+bytes) is built from its tar-split alone before anything is written to the
+rootfs (a farm does not depend on the tree below it): committing a farm
+syncs the filesystem, which after a replay would also flush the tens of
+thousands of entries just made in the bundle.  The layer is then applied
+like any layer whose farm exists.
+
 Tree records (with the compiled fast path): after a layer, the tree built so
 far is recorded for its chain id (``STORE/extract/objects-tree/<chain id>/``,
 one file per option set: placement kind, rootless, id maps, keep-dirlinks), once
@@ -64,15 +75,19 @@ from lamina.drivers.base import (
 from lamina.drivers.materialize import (
     Placement,
     PlaceStats,
+    RecordEntry,
+    SplitTarReader,
     StoreRootfsWriter,
     TreeRecord,
     apply_split,
     decode_record,
     encode_record,
+    prune_hidden,
     record_tree,
     records_enabled,
+    split_entries,
 )
-from lamina.errors import UsageError
+from lamina.errors import LaminaError, UsageError
 from lamina.layer.extract import ExtractOptions, LayerStats, Warn
 from lamina.layer.snapshot import row as snapshot_row
 from lamina.layer.snapshot import take_snapshot
@@ -84,6 +99,7 @@ if TYPE_CHECKING:
 NAME = "objects"
 TREES = "objects-tree"      # the extraction namespace of tree records
 RECORD_MIN = 1000           # entries applied above the deepest record before a new one
+PREBUILD_MAX = 256 << 10    # tar-split bytes up to which a missing farm is built first
 PLACEMENT_ANNOTATION = "org.lamina.objects.placement"
 PLACEMENTS = ("clone", "copy", "link")
 
@@ -116,6 +132,7 @@ class ObjectsDriver(Driver):
         self._writer: StoreRootfsWriter | None = None
         self._stats = LayerStats()
         self.reused = 0                 # layers whose link farm was already there
+        self._prebuilt: set[int] = set()    # layers whose farm this unpack built first
 
     @property
     def _store(self) -> Store:
@@ -147,6 +164,9 @@ class ObjectsDriver(Driver):
                 try:
                     if progress is not None:
                         progress.start(sum(c.desc.size for c in req.chain), len(req.chain))
+                    if placement == "link":
+                        self._prebuild_farms()
+                    self._store.checkpoint()    # not at close, after the tree is written
                     key = self._tree_key(writer) if records_enabled() else None
                     done = self._replay(key, warn) if key is not None else 0
                     writer = self._writer   # a failed replay starts over with a new one
@@ -253,9 +273,14 @@ class ObjectsDriver(Driver):
             farms = self._farms(k) if w.placement == "link" else []
             if farms is None:
                 continue
+            entries = rec.entries
+            dropped: list[RecordEntry] = []
+            pruned = self._prune(entries, k) if k < len(self.req.chain) else None
+            if pruned is not None:
+                entries, dropped = pruned
             fds = [os.open(f, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for f in farms]
             try:
-                w.replay(rec.entries, fds)
+                w.replay(entries, fds, dropped)
             except (OSError, ValueError):
                 self._restart()     # damaged record, object gone: build it layer by layer
                 return 0
@@ -268,6 +293,20 @@ class ObjectsDriver(Driver):
             self.reused += k
             return k
         return 0
+
+    def _prune(self, entries: list[RecordEntry], index: int
+               ) -> tuple[list[RecordEntry], list[RecordEntry]] | None:
+        """What of a replay the small layer *index* right above it would remove again
+        (:func:`prune_hidden`): an opaque directory over thousands of lower entries
+        costs their creation and removal otherwise."""
+        split = self._store.tar_split_path(self.req.chain[index].diff_id)
+        try:
+            if os.path.getsize(split) > PREBUILD_MAX:
+                return None
+            layer = split_entries(split)
+        except (OSError, LaminaError):
+            return None     # applying it reports the problem
+        return prune_hidden(entries, layer, self.req.keep_dirlinks)
 
     def _restart(self) -> None:
         old = self._writer
@@ -337,7 +376,8 @@ class ObjectsDriver(Driver):
         with st.extraction_lock(NAME, layer.chain_id):
             ex = st.extraction(NAME, layer.chain_id)
             if ex is not None and os.path.isdir(ex.path):
-                self.reused += 1
+                if index not in self._prebuilt:
+                    self.reused += 1
                 w.set_farm(ex.path)
                 try:
                     apply_split(w, split, self._stats)
@@ -352,6 +392,39 @@ class ObjectsDriver(Driver):
                     apply_split(w, split, self._stats)
                 finally:
                     w.set_farm(None)
+
+    def _prebuild_farms(self) -> None:
+        """Build the missing link farms of small layers before the rootfs is written
+        (see the module docstring): the farm inodes applying the layer would make, in
+        the same order, counted in the writer's :attr:`place` as then."""
+        w = self._writer
+        assert w is not None
+        st = self._store
+        for i, layer in enumerate(self.req.chain):
+            ex = st.extraction(NAME, layer.chain_id)
+            if ex is not None and os.path.isdir(ex.path):
+                continue
+            split = st.tar_split_path(layer.diff_id)
+            if os.path.getsize(split) > PREBUILD_MAX:
+                continue
+            with st.extraction_lock(NAME, layer.chain_id):
+                ex = st.extraction(NAME, layer.chain_id)
+                if ex is not None and os.path.isdir(ex.path):
+                    continue    # another unpack built it meanwhile
+                if ex is not None:  # recorded but gone: make it again
+                    st.remove_extraction(NAME, layer.chain_id)
+                with st.stage_extraction(NAME, layer.chain_id) as tmp:
+                    w.set_farm(tmp)
+                    try:
+                        with open(split, "rb", buffering=1 << 20) as f:
+                            reader = SplitTarReader(f)
+                            for e in reader:
+                                if e.kind == "file" and reader.current is not None:
+                                    w.farm_inode(e, reader, reader.current)
+                            reader.drain()
+                    finally:
+                        w.set_farm(None)
+            self._prebuilt.add(i)
 
     def usage(self, bundle: str) -> Usage:
         """Linked files belong to the layer's farm (shared): not counted.  Cloned

@@ -943,6 +943,14 @@ class Store:
             self.record_extraction(driver, chain_id, final)
 
     @_host_errors
+    def checkpoint(self) -> None:
+        """Move the index's write-ahead log into the database now.  For a caller about
+        to write many inodes on the store's filesystem (a bundle): the checkpoint
+        SQLite runs when the store is closed syncs, and after those writes that sync
+        would flush them too (ext4's and xfs's journals commit in order)."""
+        self.db.query("PRAGMA wal_checkpoint(PASSIVE)")
+
+    @_host_errors
     def record_extraction(self, driver: str, chain_id: str, path: str | None = None,
                           state: str = "ready", in_use: bool | None = None) -> None:
         """Record (or update) what a driver made for *chain_id*; *path* defaults to
