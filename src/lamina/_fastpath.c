@@ -1177,6 +1177,7 @@ typedef struct {
     unsigned int umask;
     volatile int no_clone;   /* FICLONE refused once: copy from then on */
     volatile int stop;       /* a thread failed: the others stop too */
+    int final_dirs;          /* give directories their recorded mode and mtime at the end */
 } rctx;
 
 /* The directory path[:len] beneath root, never through a symlink. */
@@ -1278,6 +1279,33 @@ static int replay_dir(rentry *e, int pfd, rctx *c) {
         return rc;
     }
     return 0;
+}
+
+/* After everything else: each directory (but the root, and setgid ones, which would
+ * give later entries their group) gets its recorded mode and mtime, as the writer's
+ * finish() would; a finish() that finds them right has nothing left to do.  Only for
+ * root (the writer's layers still write into them: root ignores their modes).  By
+ * path: every directory of a complete replay is one mkdirat made beneath the root,
+ * never through a symlink.  Returns the entry that failed, or NULL. */
+static rentry *replay_final_dirs(rentry **dirs, Py_ssize_t nd, rctx *c) {
+    for (Py_ssize_t i = nd - 1; i >= 0; i--) {
+        rentry *e = dirs[i];
+        if (e->plen == 0 || (e->mode & S_ISGID))
+            continue;
+        if (fchmodat(c->root_fd, e->path, e->mode & 07777, 0) < 0) {
+            e->err = errno;
+            return e;
+        }
+        if (e->mtime_ns < 0)
+            continue;   /* an implicit parent: its mtime is when it was made */
+        struct timespec ts[2];
+        times_of(e->mtime_ns, ts);
+        if (utimensat(c->root_fd, e->path, ts, AT_SYMLINK_NOFOLLOW) < 0) {
+            e->err = errno;
+            return e;
+        }
+    }
+    return NULL;
 }
 
 /* One non-directory, as RootfsWriter._write_file / _meta_path make it. */
@@ -1590,7 +1618,7 @@ static void free_rentries(rentry *es, PyObject **keep, Py_ssize_t n) {
 
 PyDoc_STRVAR(replay_tree_doc,
 "replay_tree(root_fd, objects_fd, farm_fds, entries, copy_only, rootless, euid, egid,\n"
-"            umask, hashes, dir_meta) -> (cloned, copied, linked, refused)\n\n"
+"            umask, hashes, dir_meta, final_dirs=False) -> (cloned, copied, linked, refused)\n\n"
 "Create the recorded entries beneath the (empty) directory root_fd.  entries are\n"
 "tuples (kind, path, mode, uid, gid, mtime_ns, xattrs, src, size, digest): kind one\n"
 "of d f h l c b p; xattrs a tuple of (name bytes, value bytes); src an object name\n"
@@ -1599,16 +1627,19 @@ PyDoc_STRVAR(replay_tree_doc,
 "hardlink 'h' (a path made earlier in the list), the device number of c/b.\n"
 "Directories must come before what they contain.  Files get their digest (when not\n"
 "None) in hashes, directories (mode, mtime_ns) in dir_meta.  refused lists the\n"
-"xattrs the filesystem refused: (path, name, errno).  Raises OSError for the first\n"
-"entry that failed (the rootfs is then half made: the caller removes it).");
+"xattrs the filesystem refused: (path, name, errno).  With final_dirs (not rootless),\n"
+"directories but the root and setgid ones then get their mode and mtime.  Raises\n"
+"OSError for the first entry that failed (the rootfs is then half made: the caller\n"
+"removes it).");
 
 static PyObject *replay_tree(PyObject *self, PyObject *args) {
     rctx c;
     PyObject *farms, *entries, *hashes, *dir_meta;
     memset(&c, 0, sizeof c);
-    if (!PyArg_ParseTuple(args, "iiO!O!ppLLIO!O!", &c.root_fd, &c.objects_fd, &PyList_Type,
+    if (!PyArg_ParseTuple(args, "iiO!O!ppLLIO!O!|p", &c.root_fd, &c.objects_fd, &PyList_Type,
                           &farms, &PyList_Type, &entries, &c.copy_only, &c.rootless, &c.euid,
-                          &c.egid, &c.umask, &PyDict_Type, &hashes, &PyDict_Type, &dir_meta))
+                          &c.egid, &c.umask, &PyDict_Type, &hashes, &PyDict_Type, &dir_meta,
+                          &c.final_dirs))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(entries), nf = PyList_GET_SIZE(farms);
     if (nf > 65536) {
@@ -1689,6 +1720,8 @@ static PyObject *replay_tree(PyObject *self, PyObject *args) {
             if (replay_links(order + nd + no, nh, &c, &hf) < 0)
                 failed = order[nd + no + hf];
         }
+        if (failed == NULL && c.final_dirs && !c.rootless)
+            failed = replay_final_dirs(order, nd, &c);
     }
     Py_END_ALLOW_THREADS
     if (failed != NULL) {

@@ -9,7 +9,8 @@ def replay_tree(root_fd: int, objects_fd: int, farm_fds: list[int], entries: lis
                     str, str, int, int, int, int, tuple[tuple[bytes, bytes], ...], object, int,
                     bytes | None]],
                 copy_only: bool, rootless: bool, euid: int, egid: int, umask: int,
-                hashes: dict[str, bytes], dir_meta: dict[str, tuple[int, int]], /
+                hashes: dict[str, bytes], dir_meta: dict[str, tuple[int, int]],
+                final_dirs: bool = False, /
                 ) -> tuple[int, int, int, list[tuple[str, bytes, int]]]: ...
 def place_files(buf: bytes, pos: int, dirs: dict[str, tuple[int, str]], stale: list[int],
                 limit: int, hashes: dict[str, bytes], layer_paths: set[str],

@@ -371,7 +371,7 @@ class StoreRootfsWriter(RootfsWriter):
         cloned, copied, linked, refused = _fastpath.replay_tree(
             self.root_fd, self.objects_fd, farm_fds, entries, self.placement == "copy",
             self.opts.rootless, self._euid, self._egid, self._umask, self.hashes,
-            self.dir_meta)
+            self.dir_meta, True)     # directories final now: finish() skips those still so
         self.place.cloned += cloned
         self.place.copied += copied
         self.place.linked += linked

@@ -189,7 +189,7 @@ class ObjectsDriver(Driver):
                     if self._want_tree(key, n - 1, since):
                         assert key is not None
                         self._save_tree(n - 1, key, snap, warnings)
-                    for path, st in writer.finish().items():
+                    for path, st in writer.finish(snap).items():
                         snap[path] = snapshot_row(path, "d", st, "")
                     self.place = writer.place
                     storebundle.complete(stage, req, NAME, writer.root_fd, list(snap.values()),

@@ -25,8 +25,9 @@ import os
 import shutil
 import stat
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from lamina.errors import CorruptLayerError, EnvironmentError_, UnsafeLayerError
 from lamina.layer import whiteout as wh
@@ -577,17 +578,25 @@ class RootfsWriter:
         return True
 
     # -- the end -----------------------------------------------------------------
-    def finish(self) -> dict[str, os.stat_result]:
+    def finish(self, rows: Mapping[str, tuple[object, ...]] | None = None
+               ) -> dict[str, os.stat_result]:
         """Apply delayed directory modes and mtimes (deepest first).
 
         Returns the final stat of every directory it touched, so a snapshot
         taken before (while every directory was still readable) can be fixed up.
+        *rows*: that snapshot (:func:`~lamina.layer.snapshot.take_snapshot`), taken
+        after the last write; a directory whose row already has its mode and mtime
+        (a replayed tree's, see ``_fastpath.replay_tree``) is left alone.
         """
         self._drop_cache()
         final: dict[str, os.stat_result] = {}
         self._close_stale()
         for path in sorted(self.dir_meta, key=lambda p: p.count("/"), reverse=True):
             mode, mtime_ns = self.dir_meta[path]
+            r: Any = rows.get(path) if rows is not None else None
+            if (r is not None and r[1] == "d" and stat.S_IMODE(r[2]) == mode
+                    and (mtime_ns < 0 or r[6] == mtime_ns)):
+                continue
             try:
                 fd = os.open(path, _DIR_FLAGS, dir_fd=self.root_fd) if path else os.dup(
                     self.root_fd)
