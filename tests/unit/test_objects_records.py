@@ -436,3 +436,26 @@ def test_replay_under_an_opaque_layer_makes_the_same_bundle(tmp_path: Path, stor
     assert pruned == whole
     assert diff_manifests(_manifest(tmp_path / "whole/rootfs"),
                           _manifest(tmp_path / "pruned/rootfs"), ignore_root=True) == []
+
+
+def test_prepare_pauses_the_collector_and_restores_it(tmp_path: Path, store: Store,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    _images(tmp_path, store)
+    seen: list[bool] = []
+    real = StoreRootfsWriter.finish
+
+    def spy(self: StoreRootfsWriter, rows: object = None) -> dict[str, os.stat_result]:
+        seen.append(gc.isenabled())
+        return real(self, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StoreRootfsWriter, "finish", spy)
+    assert gc.isenabled()
+    _prepare(store, "img:a", tmp_path / "a1")
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        _prepare(store, "img:a", tmp_path / "a2")
+        assert not gc.isenabled()       # a caller's choice is left as it was
+    finally:
+        gc.enable()
