@@ -1133,9 +1133,10 @@ out:
  * nothing).  Replaying it is per-entry syscalls only: no tar, no whiteouts, no
  * path resolution beyond opening a parent directory (RESOLVE_BENEATH and no
  * symlinks, so a damaged record cannot write outside the rootfs).  Directories
- * first, in order (parents before children), then the other entries on two
- * threads, then hardlinks.  Directory modes and mtimes go to dir_meta for the
- * writer's finish(), as for any layer.
+ * first, level by level (a level's parents all exist: its siblings are split
+ * between two threads), then the other entries on two threads, then hardlinks.
+ * Directory modes and mtimes go to dir_meta for the writer's finish(), as for
+ * any layer (and, as root, to the directories at the end).
  */
 
 #ifndef SYS_openat2
@@ -1419,6 +1420,47 @@ static void *replay_run(void *arg) {
     return NULL;
 }
 
+/* es[0..n) on two threads (one when few), split at a change of parent so that each
+ * directory is opened by one thread; returns the entry that failed, or NULL. */
+static rentry *run_halves(rentry **es, Py_ssize_t n, rctx *c) {
+    rjob a = {es, n, c, -1}, b = {es, 0, c, -1};
+    pthread_t t;
+    int threaded = 0;
+    if (n >= PARALLEL_MIN) {
+        Py_ssize_t half = n / 2;
+        while (half < n && half > 0 && es[half]->parent_len == es[half - 1]->parent_len &&
+               memcmp(es[half]->path, es[half - 1]->path, (size_t)es[half]->parent_len) == 0 &&
+               half < n / 2 + 256)
+            half++;
+        a.n = half;
+        b.es = es + half;
+        b.n = n - half;
+        threaded = pthread_create(&t, NULL, replay_run, &b) == 0;
+        if (!threaded) {
+            a.n = n;
+            b.n = 0;
+        }
+    }
+    replay_run(&a);
+    if (threaded)
+        pthread_join(t, NULL);
+    if (a.failed >= 0)
+        return a.es[a.failed];
+    if (b.failed >= 0)
+        return b.es[b.failed];
+    return NULL;
+}
+
+/* 0 for the root, else the number of components. */
+static Py_ssize_t depth_of(const rentry *e) {
+    if (e->plen == 0)
+        return 0;
+    Py_ssize_t d = 1;
+    for (Py_ssize_t i = 0; i < e->plen; i++)
+        d += e->path[i] == '/';
+    return d;
+}
+
 static int replay_links(rentry **es, Py_ssize_t n, rctx *c, Py_ssize_t *failed) {
     for (Py_ssize_t i = 0; i < n; i++) {
         rentry *e = es[i];
@@ -1682,40 +1724,44 @@ static PyObject *replay_tree(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++)
         if (es[i].kind == 'h')
             order[nd + no + nh++] = &es[i];
+    /* directories level by level (stable: record order, which is by path, within a
+     * level, so siblings are runs): every parent exists before its level starts */
+    Py_ssize_t maxd = 0;
+    Py_ssize_t *depth = PyMem_Calloc((size_t)nd + 1, sizeof(Py_ssize_t));
+    rentry **dirs = PyMem_Calloc((size_t)nd + 1, sizeof(rentry *));
+    for (Py_ssize_t i = 0; depth != NULL && i < nd; i++) {
+        depth[i] = depth_of(order[i]);
+        if (depth[i] > maxd)
+            maxd = depth[i];
+    }
+    Py_ssize_t *level = PyMem_Calloc((size_t)maxd + 2, sizeof(Py_ssize_t));
+    Py_ssize_t *next = PyMem_Calloc((size_t)maxd + 2, sizeof(Py_ssize_t));
+    if (depth == NULL || dirs == NULL || level == NULL || next == NULL) {
+        PyMem_Free(depth);
+        PyMem_Free(dirs);
+        PyMem_Free(level);
+        PyMem_Free(next);
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < nd; i++)
+        level[depth[i] + 1]++;
+    for (Py_ssize_t d = 1; d <= maxd + 1; d++)
+        level[d] += level[d - 1];       /* level[d]: where depth d starts */
+    memcpy(next, level, ((size_t)maxd + 2) * sizeof(Py_ssize_t));
+    for (Py_ssize_t i = 0; i < nd; i++)
+        dirs[next[depth[i]]++] = order[i];
+    memcpy(order, dirs, (size_t)nd * sizeof(rentry *));
+    PyMem_Free(depth);
+    PyMem_Free(dirs);
+    PyMem_Free(next);
     rentry *failed = NULL;
     Py_BEGIN_ALLOW_THREADS
-    rjob d = {order, nd, &c, -1};
-    replay_run(&d);
-    if (d.failed >= 0) {
-        failed = order[d.failed];
-    } else {
-        rjob a = {order + nd, no, &c, -1}, b = {order + nd, 0, &c, -1};
-        pthread_t t;
-        int threaded = 0;
-        if (no >= PARALLEL_MIN) {
-            Py_ssize_t half = no / 2;
-            /* split at a change of parent: each directory opened by one thread */
-            while (half < no && half > 0 && order[nd + half]->parent_len == order[nd + half - 1]->parent_len &&
-                   memcmp(order[nd + half]->path, order[nd + half - 1]->path,
-                          (size_t)order[nd + half]->parent_len) == 0 && half < no / 2 + 256)
-                half++;
-            a.n = half;
-            b.es = order + nd + half;
-            b.n = no - half;
-            threaded = pthread_create(&t, NULL, replay_run, &b) == 0;
-            if (!threaded) {
-                a.n = no;
-                b.n = 0;
-            }
-        }
-        replay_run(&a);
-        if (threaded)
-            pthread_join(t, NULL);
-        if (a.failed >= 0)
-            failed = a.es[a.failed];
-        else if (b.failed >= 0)
-            failed = b.es[b.failed];
-        else {
+    for (Py_ssize_t d = 0; d <= maxd && failed == NULL; d++)
+        failed = run_halves(order + level[d], level[d + 1] - level[d], &c);
+    if (failed == NULL) {
+        failed = run_halves(order + nd, no, &c);
+        if (failed == NULL) {
             Py_ssize_t hf = -1;
             if (replay_links(order + nd + no, nh, &c, &hf) < 0)
                 failed = order[nd + no + hf];
@@ -1724,6 +1770,7 @@ static PyObject *replay_tree(PyObject *self, PyObject *args) {
             failed = replay_final_dirs(order, nd, &c);
     }
     Py_END_ALLOW_THREADS
+    PyMem_Free(level);
     if (failed != NULL) {
         PyObject *path = PyUnicode_DecodeFSDefault(failed->path);
         if (path != NULL) {

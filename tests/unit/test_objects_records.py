@@ -459,3 +459,26 @@ def test_prepare_pauses_the_collector_and_restores_it(tmp_path: Path, store: Sto
         assert not gc.isenabled()       # a caller's choice is left as it was
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["clone", "link"])
+def test_replay_of_wide_and_deep_directories(tmp_path: Path, store: Store, read_only: bool
+                                             ) -> None:
+    # levels wide enough to be made on two threads, each level after its parents
+    tb = TarBuilder().add_dir("p0", 0o755, mtime=1).add_dir("p1", 0o750, mtime=2)
+    for i in range(40):
+        tb.add_dir(f"p{i % 2}/d{i:02}", 0o700 + i % 8 * 0o10, mtime=1000 + i)
+        tb.add_file(f"p{i % 2}/d{i:02}/f", bytes([i]) * 5)
+        for k in range(1, i % 5 + 2):
+            tb.add_dir(f"p{i % 2}/d{i:02}/" + "/".join("x" * k), 0o755, mtime=7 + k)
+    layer = tb.build()
+    build_image(str(tmp_path / "lay"), "w", [layer])
+    store.import_image(str(tmp_path / "lay"), "w", "img:w")
+    apply_layers(tmp_path / "want", layer)
+    first = _prepare(store, "img:w", tmp_path / "w1", read_only)
+    again = _prepare(store, "img:w", tmp_path / "w2", read_only)
+    assert (first.reused, again.reused) == (0, 1)
+    ignore = {"link_group"} if read_only else set()
+    for b in ("w1", "w2"):
+        assert diff_manifests(_manifest(tmp_path / "want"), _manifest(tmp_path / b / "rootfs"),
+                              ignore_fields=ignore, names=("want", b), ignore_root=True) == []
