@@ -194,6 +194,17 @@ def test_damaged_and_foreign_records_are_refused(store: Store) -> None:
     flipped[-3] ^= 0xFF
     assert decode_record(bytes(flipped), "sha256:" + "1" * 64, "k") is None
     assert decode_record(data[:30], "sha256:" + "1" * 64, "k") is None
+    # a format 1 record (zlib) is not read: it is made again
+    import hashlib
+    import marshal
+    import zlib
+    head = {"format": 1, "marshal": marshal.version, "chain": "sha256:" + "1" * 64, "key": "k",
+            "stats": [0, 0, 0, 0, 0], "warnings": []}
+    body = zlib.compress(marshal.dumps((head, rec.entries)), 1)
+    old = b"LMTREE1\n" + hashlib.sha256(body).digest() + body
+    assert decode_record(old, "sha256:" + "1" * 64, "k") is None
+    # nor a zlib body under the new magic (a damaged one)
+    assert decode_record(materialize.RECORD_MAGIC + old[8:], "sha256:" + "1" * 64, "k") is None
 
 
 @pytest.mark.parametrize("entry", [
