@@ -274,6 +274,33 @@ class Fault:
     throttle: float = 0.0               # seconds to sleep after each 64 KiB of body
 
 
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 handler that logs nothing and hands GET and HEAD to ``_handle``."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def _handle(self, method: str) -> None:
+        raise NotImplementedError
+
+
+def _serve(handler: type[_Quiet]) -> tuple[http.server.ThreadingHTTPServer, int]:
+    """*handler* on a loopback port, served by a daemon thread."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return httpd, httpd.server_address[1]
+
+
 class FaultProxy:
     """Forwards GET/HEAD to a plain-http registry, applying :class:`Fault` rules."""
 
@@ -285,18 +312,7 @@ class FaultProxy:
         self.served: list[tuple[str, str, str, int]] = []
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self._handle("HEAD")
-
-            def do_GET(self) -> None:
-                self._handle("GET")
-
+        class Handler(_Quiet):
             def _handle(self, method: str) -> None:
                 fault = proxy.rule(method, self.path)
                 if fault is not None and fault.status is not None:
@@ -362,11 +378,7 @@ class FaultProxy:
                 proxy.served.append((method, self.path, self.headers.get("Range", ""), sent))
                 conn.close()
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
+        self.httpd, self.port = _serve(Handler)
         self._closed = False
 
     @property
@@ -399,18 +411,7 @@ class ReferrersFront:
         self.requests: list[tuple[str, str, int]] = []      # (method, path, status)
         front = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._handle("GET")
-
-            def do_HEAD(self) -> None:
-                self._handle("HEAD")
-
+        class Handler(_Quiet):
             def do_PUT(self) -> None:
                 self._handle("PUT")
 
@@ -474,11 +475,7 @@ class ReferrersFront:
                         out.append(("OCI-Subject", subject["digest"]))
                 self._reply(method, resp.status, out, data)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
+        self.httpd, self.port = _serve(Handler)
 
     @property
     def host(self) -> str:
