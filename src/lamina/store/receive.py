@@ -46,6 +46,7 @@ from lamina.errors import CorruptLayerError, DigestMismatchError, UsageError
 from lamina.layer.tarstream import TarEntry
 from lamina.oci import mediatypes as mt
 from lamina.oci.model import Descriptor
+from lamina.store.db import layer_objects_of
 from lamina.store.ids import hex_of
 from lamina.store.objects import SMALL, object_name, syncfs
 from lamina.stream.splitdirfdstream import (
@@ -472,8 +473,7 @@ class _Receiver:
         if not dirfds:
             raise UsageError("a store's stream needs its objects directory as dirfd 0")
         db = self.store.db
-        of_layer = (f"FROM {source}.layer_objects l JOIN {source}.objects o "
-                    f"ON o.digest = l.object WHERE l.diff_id = ?")
+        of_layer = layer_objects_of(source)
         missing = [(str(h), int(cast(int, n))) for h, n in db.query(
             f"SELECT substr(o.digest, 8), o.size {of_layer} "
             f"AND l.object NOT IN (SELECT digest FROM main.objects)", (diff_id,))]

@@ -87,7 +87,7 @@ from lamina.layer.tarstream import TarEntry
 from lamina.oci import mediatypes as mt
 from lamina.oci.layout import MAX_JSON_BLOB, OCILayout
 from lamina.oci.model import Descriptor, ImageConfig, Manifest, Platform
-from lamina.store.db import SCHEMA_VERSION, Database
+from lamina.store.db import SCHEMA_VERSION, Database, layer_objects_of
 from lamina.store.ids import chain_ids, check_driver, hex_of, parse_ref
 from lamina.store.locking import Staging, StoreLock, reclaim, rmtree_all, work_lock
 from lamina.store.objects import SMALL, ObjectWriter, object_name, syncfs
@@ -523,8 +523,7 @@ class Store:
     def layer_object_sizes(self, diff_id: str) -> dict[str, int]:
         """The objects a stored layer references: hex digest -> size, in key order."""
         rows = self.db.query(
-            "SELECT o.digest, o.size FROM layer_objects l JOIN objects o "
-            "ON o.digest = l.object WHERE l.diff_id = ? ORDER BY l.object", (diff_id,))
+            f"SELECT o.digest, o.size {layer_objects_of()} ORDER BY l.object", (diff_id,))
         return {str(d)[7:]: int(str(n)) for d, n in rows}
 
     @contextlib.contextmanager
@@ -652,8 +651,7 @@ class Store:
             if source is not None:
                 # in SQL: the 25k rows of a big layer never become Python objects
                 c.execute(f"INSERT OR IGNORE INTO main.objects SELECT o.digest, o.size "
-                          f"FROM {source}.layer_objects l JOIN {source}.objects o "
-                          f"ON o.digest = l.object WHERE l.diff_id = ?", (diff_id,))
+                          f"{layer_objects_of(source)}", (diff_id,))
                 c.execute(f"INSERT INTO main.layer_objects SELECT diff_id, object "
                           f"FROM {source}.layer_objects WHERE diff_id = ?", (diff_id,))
             else:
