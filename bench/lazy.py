@@ -155,9 +155,9 @@ def main() -> int:
         "digests and diff_ids) that stores the member lists, the gzip seek points and the "
         "merged tree under LAYOUT/.lamina-lazy; a real deployment runs it at import/pull "
         "time. The cold row pays it inside the timed command.",
-        "- The lazy time is mostly Python start-up and imports (the CLI, then trio and "
-        "pyfuse3 in the daemon, ~0.3 s of it): the mount itself reads one stored tree file "
-        "and decodes only the inodes looked up.",
+        "- The lazy time is mostly Python start-up and imports (the CLI's, then pyfuse3's "
+        "in the daemon, which runs it on asyncio without importing trio): the mount itself "
+        "reads one stored tree file and decodes only the inodes looked up.",
         "- Bytes read: compressed bytes the daemon read from blobs for the cat (gzip: "
         "inflated from the nearest 2 MiB checkpoint, read in 64 KiB chunks); the full "
         "unpack reads and verifies every blob.",

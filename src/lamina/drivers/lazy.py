@@ -166,7 +166,8 @@ class LazyFactory:
         if not os.path.exists("/dev/fuse"):
             return "no /dev/fuse"
         try:
-            import pyfuse3  # noqa: F401
+            from lamina.lazy import load_pyfuse3
+            load_pyfuse3()
         except ImportError:
             return "pyfuse3 is not installed (pip install 'lamina[lazy]')"
         return None if is_root() else "needs root (overlayfs on a FUSE lower)"

@@ -11,18 +11,21 @@ the name is not listed, so tree walks do not see it.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
 import os
 from typing import Any
 
-import pyfuse3
-import trio
+from lamina.lazy import load_pyfuse3
 
-from lamina.errors import LaminaError
-from lamina.lazy.fetch import Fetcher
-from lamina.lazy.model import ROOT_INO, FrozenTree, Node
+load_pyfuse3()
+import pyfuse3  # noqa: E402 - now in its asyncio mode
+
+from lamina.errors import LaminaError  # noqa: E402
+from lamina.lazy.fetch import Fetcher  # noqa: E402
+from lamina.lazy.model import ROOT_INO, FrozenTree, Node  # noqa: E402
 
 STATS_XATTR = "user.lamina.lazy.stats"
 _TIMEOUT = 3600.0
@@ -130,7 +133,7 @@ class LazyOperations(pyfuse3.Operations):
         if fd < 0:
             try:
                 # off the event loop: lookups and cached reads go on during a fetch
-                path = await trio.to_thread.run_sync(self.fetcher.cached, n)
+                path = await asyncio.to_thread(self.fetcher.cached, n)
             except LaminaError as e:
                 log.error("fetching inode %d: %s", n.ino, e.message)
                 raise _err(errno.EIO) from None

@@ -173,7 +173,7 @@ def mount(opts: LazyMountOptions) -> MountResult:
         raise EnvironmentError_("/dev/fuse is missing", hint="load the fuse module (modprobe fuse)")
     fuse_at = os.path.join(os.path.abspath(opts.writable), "lower") if opts.writable else target
     overlay = target if opts.writable else ""
-    # the daemon starts first: its imports (trio, pyfuse3: most of a mount's time) run
+    # the daemon starts first: its imports (pyfuse3, indexed_gzip: much of a mount's time) run
     # on the other CPU while this process reads the indexes; it then gets a job or EOF
     daemon = _Daemon.start(opts, fuse_at, overlay)
     cache = ""
@@ -298,8 +298,6 @@ def _daemon_main(opts: LazyMountOptions, fuse_at: str, overlay: str, job_r: int,
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         import indexed_gzip  # noqa: F401 - imported now, not on the first read
-        import pyfuse3  # noqa: F401
-        import trio  # noqa: F401
 
         import lamina.lazy.fuse  # noqa: F401
         remote: RemoteBlobs | None = None
@@ -346,8 +344,11 @@ def _daemon_main(opts: LazyMountOptions, fuse_at: str, overlay: str, job_r: int,
 
 
 def _serve(tree: FrozenTree, fetcher: Fetcher, fuse_at: str, overlay: str, ready: int) -> None:
+    import asyncio  # here: the mounting parent never needs it
+
+    from lamina.lazy import load_pyfuse3
+    load_pyfuse3()
     import pyfuse3
-    import trio
 
     from lamina.lazy.fuse import LazyOperations
 
@@ -363,22 +364,24 @@ def _serve(tree: FrozenTree, fetcher: Fetcher, fuse_at: str, overlay: str, ready
         os.close(ready)
 
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                async def on_signal() -> None:
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
-                                                   signal.SIGHUP) as sigs:
-                        async for _ in sigs:
-                            if overlay and _mounted(overlay):
-                                # the overlay sits on the FUSE mount: it must go first
-                                await trio.to_thread.run_sync(
-                                    lambda: _umount(overlay) or _umount(overlay, lazy=True))
-                            pyfuse3.terminate()
-                            return
-                nursery.start_soon(on_signal)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, stop.set)
+            serving = asyncio.create_task(pyfuse3.main())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                if overlay and _mounted(overlay):
+                    # the overlay sits on the FUSE mount: it must go first
+                    await asyncio.to_thread(
+                        lambda: _umount(overlay) or _umount(overlay, lazy=True))
+                pyfuse3.terminate()
+            else:           # unmounted from outside
+                stopping.cancel()
+            await serving
 
-        trio.run(main)
+        asyncio.run(main())
     finally:
         if mounted:
             pyfuse3.close(unmount=True)
