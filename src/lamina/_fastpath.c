@@ -1133,10 +1133,11 @@ out:
  * nothing).  Replaying it is per-entry syscalls only: no tar, no whiteouts, no
  * path resolution beyond opening a parent directory (RESOLVE_BENEATH and no
  * symlinks, so a damaged record cannot write outside the rootfs).  Directories
- * first, level by level (a level's parents all exist: its siblings are split
- * between two threads), then the other entries on two threads, then hardlinks.
+ * first, level by level (a level's parents all exist: its siblings are shared
+ * by two threads), then the other entries on two threads, then hardlinks.
  * Directory modes and mtimes go to dir_meta for the writer's finish(), as for
- * any layer (and, as root, to the directories at the end).
+ * any layer (and, as root, to the directories at the end: most get their mode
+ * from mkdirat already, all their mtime last).
  */
 
 #ifndef SYS_openat2
@@ -1167,6 +1168,7 @@ typedef struct {
     Py_ssize_t *xlen;
     int *xerr;               /* per xattr: the errno of a refused set (reported), or 0 */
     int placed;              /* 'f': 1 cloned, 2 copied, 3 linked */
+    int mode_done;           /* 'd': made with its final mode (no chmod at the end) */
     int err;                 /* errno of the failure that stopped the replay */
 } rentry;
 
@@ -1179,6 +1181,7 @@ typedef struct {
     volatile int no_clone;   /* FICLONE refused once: copy from then on */
     volatile int stop;       /* a thread failed: the others stop too */
     int final_dirs;          /* give directories their recorded mode and mtime at the end */
+    int acl_default;         /* a directory gets a default ACL: new modes ignore the umask */
 } rctx;
 
 /* The directory path[:len] beneath root, never through a symlink. */
@@ -1259,6 +1262,14 @@ static int fill_from(int src, int dst, long long size, rctx *c, int *cloned) {
     return fill_object(src, dst, size, c->copy_only, &c->no_clone, cloned);
 }
 
+/* Whether directory e can be made with its final mode at once (the final pass then
+ * only sets its mtime): as root with final_dirs, no special bits, none the umask
+ * would take (nor a default ACL above it), and its owner may still write into it. */
+static int final_mode_at_mkdir(const rentry *e, const rctx *c) {
+    return c->final_dirs && !c->rootless && !c->acl_default && (e->mode & 07000) == 0 &&
+           (e->mode & 0700) == 0700 && (e->mode & c->umask) == 0;
+}
+
 static int replay_dir(rentry *e, int pfd, rctx *c) {
     const char *base = base_of(e);
     if (e->plen == 0) {   /* the root: it exists; owner and xattrs as _apply_root sets them */
@@ -1266,8 +1277,10 @@ static int replay_dir(rentry *e, int pfd, rctx *c) {
             return -1;
         return set_xattrs_r(e, c->root_fd, -1, NULL);
     }
-    if (mkdirat(pfd, base, 0700) < 0)
+    int now = final_mode_at_mkdir(e, c);
+    if (mkdirat(pfd, base, now ? e->mode & 0777 : 0700) < 0)
         return -1;
+    e->mode_done = now;
     if (owner_differs_r(e, c) &&
         fchownat(pfd, base, (uid_t)e->uid, (gid_t)e->gid, AT_SYMLINK_NOFOLLOW) < 0)
         return -1;
@@ -1283,30 +1296,22 @@ static int replay_dir(rentry *e, int pfd, rctx *c) {
 }
 
 /* After everything else: each directory (but the root, and setgid ones, which would
- * give later entries their group) gets its recorded mode and mtime, as the writer's
- * finish() would; a finish() that finds them right has nothing left to do.  Only for
- * root (the writer's layers still write into them: root ignores their modes).  By
- * path: every directory of a complete replay is one mkdirat made beneath the root,
- * never through a symlink.  Returns the entry that failed, or NULL. */
-static rentry *replay_final_dirs(rentry **dirs, Py_ssize_t nd, rctx *c) {
-    for (Py_ssize_t i = nd - 1; i >= 0; i--) {
-        rentry *e = dirs[i];
-        if (e->plen == 0 || (e->mode & S_ISGID))
-            continue;
-        if (fchmodat(c->root_fd, e->path, e->mode & 07777, 0) < 0) {
-            e->err = errno;
-            return e;
-        }
-        if (e->mtime_ns < 0)
-            continue;   /* an implicit parent: its mtime is when it was made */
-        struct timespec ts[2];
-        times_of(e->mtime_ns, ts);
-        if (utimensat(c->root_fd, e->path, ts, AT_SYMLINK_NOFOLLOW) < 0) {
-            e->err = errno;
-            return e;
-        }
-    }
-    return NULL;
+ * give later entries their group) gets its recorded mode (unless mkdirat gave it
+ * already) and mtime, as the writer's finish() would; a finish() that finds them
+ * right has nothing left to do.  Only for root (the writer's layers still write into
+ * them: root ignores their modes).  Relative to the parent (opened by replay_run),
+ * in any order: nothing is created or removed any more, so no mtime set here changes
+ * again.  Every directory of a complete replay is one mkdirat made beneath the root,
+ * never through a symlink. */
+static int replay_final_dir(rentry *e, int pfd, rctx *c) {
+    const char *base = base_of(e);
+    if (!e->mode_done && fchmodat(pfd, base, e->mode & 07777, 0) < 0)
+        return -1;
+    if (e->mtime_ns < 0)
+        return 0;   /* an implicit parent: its mtime is when it was made */
+    struct timespec ts[2];
+    times_of(e->mtime_ns, ts);
+    return utimensat(pfd, base, ts, AT_SYMLINK_NOFOLLOW);
 }
 
 /* One non-directory, as RootfsWriter._write_file / _meta_path make it. */
@@ -1389,6 +1394,7 @@ typedef struct {
     Py_ssize_t n;
     rctx *c;
     Py_ssize_t failed;       /* index into es of the entry that failed, or -1 */
+    int final;               /* the final pass over directories (replay_final_dir) */
 } rjob;
 
 /* Entries in order, each parent directory opened once per run of siblings. */
@@ -1406,8 +1412,9 @@ static void *replay_run(void *arg) {
             pfd = open_beneath(j->c->root_fd, e->path, e->parent_len);
             last = e;
         }
-        int rc = pfd < 0 ? -1 : e->kind == 'd' ? replay_dir(e, pfd, j->c)
-                                               : replay_other(e, pfd, j->c);
+        int rc = pfd < 0 ? -1 : j->final ? replay_final_dir(e, pfd, j->c)
+                                : e->kind == 'd' ? replay_dir(e, pfd, j->c)
+                                                 : replay_other(e, pfd, j->c);
         if (rc < 0) {
             e->err = errno ? errno : EIO;
             j->failed = i;
@@ -1420,35 +1427,70 @@ static void *replay_run(void *arg) {
     return NULL;
 }
 
-/* es[0..n) on two threads (one when few), split at a change of parent so that each
- * directory is opened by one thread; returns the entry that failed, or NULL. */
-static rentry *run_halves(rentry **es, Py_ssize_t n, rctx *c) {
-    rjob a = {es, n, c, -1}, b = {es, 0, c, -1};
-    pthread_t t;
-    int threaded = 0;
-    if (n >= PARALLEL_MIN) {
-        Py_ssize_t half = n / 2;
-        while (half < n && half > 0 && es[half]->parent_len == es[half - 1]->parent_len &&
-               memcmp(es[half]->path, es[half - 1]->path, (size_t)es[half]->parent_len) == 0 &&
-               half < n / 2 + 256)
-            half++;
-        a.n = half;
-        b.es = es + half;
-        b.n = n - half;
-        threaded = pthread_create(&t, NULL, replay_run, &b) == 0;
-        if (!threaded) {
-            a.n = n;
-            b.n = 0;
+/* es[0..n) on two threads (one when few), in chunks of REPLAY_CHUNK taken from either
+ * end: the first thread works from the front, the second from the back, until they
+ * meet (what a half costs cannot be told from its length: clones differ, and a thread
+ * may be preempted; fixed halves left one thread idle for up to a quarter of the
+ * time).  Each thread stays among its own directories but where they meet.  Returns
+ * the entry that failed, or NULL. */
+#define REPLAY_CHUNK 64
+
+typedef struct {
+    rentry **es;
+    rctx *c;
+    int final;
+    pthread_mutex_t mu;
+    Py_ssize_t lo, hi;       /* es[lo..hi) not taken yet */
+    rentry *failed;          /* the first failure */
+} rshared;
+
+typedef struct {
+    rshared *sh;
+    int back;                /* takes chunks from the back */
+} rworker;
+
+static void *replay_worker(void *arg) {
+    rworker *w = arg;
+    rshared *sh = w->sh;
+    for (;;) {
+        Py_ssize_t from, to;
+        pthread_mutex_lock(&sh->mu);
+        if (sh->lo >= sh->hi || sh->c->stop) {
+            pthread_mutex_unlock(&sh->mu);
+            return NULL;
+        }
+        if (w->back) {
+            to = sh->hi;
+            from = to - REPLAY_CHUNK > sh->lo ? to - REPLAY_CHUNK : sh->lo;
+            sh->hi = from;
+        } else {
+            from = sh->lo;
+            to = from + REPLAY_CHUNK < sh->hi ? from + REPLAY_CHUNK : sh->hi;
+            sh->lo = to;
+        }
+        pthread_mutex_unlock(&sh->mu);
+        rjob j = {sh->es + from, to - from, sh->c, -1, sh->final};
+        replay_run(&j);
+        if (j.failed >= 0) {
+            pthread_mutex_lock(&sh->mu);
+            if (sh->failed == NULL)
+                sh->failed = j.es[j.failed];
+            pthread_mutex_unlock(&sh->mu);
+            return NULL;
         }
     }
-    replay_run(&a);
+}
+
+static rentry *run_two(rentry **es, Py_ssize_t n, rctx *c, int final) {
+    rshared sh = {es, c, final, PTHREAD_MUTEX_INITIALIZER, 0, n, NULL};
+    rworker a = {&sh, 0}, b = {&sh, 1};
+    pthread_t t;
+    int threaded = n >= PARALLEL_MIN && pthread_create(&t, NULL, replay_worker, &b) == 0;
+    replay_worker(&a);
     if (threaded)
         pthread_join(t, NULL);
-    if (a.failed >= 0)
-        return a.es[a.failed];
-    if (b.failed >= 0)
-        return b.es[b.failed];
-    return NULL;
+    pthread_mutex_destroy(&sh.mu);
+    return sh.failed;
 }
 
 /* 0 for the root, else the number of components. */
@@ -1670,7 +1712,8 @@ PyDoc_STRVAR(replay_tree_doc,
 "Directories must come before what they contain.  Files get their digest (when not\n"
 "None) in hashes, directories (mode, mtime_ns) in dir_meta.  refused lists the\n"
 "xattrs the filesystem refused: (path, name, errno).  With final_dirs (not rootless),\n"
-"directories but the root and setgid ones then get their mode and mtime.  Raises\n"
+"directories but the root and setgid ones then get their mode and mtime (those whose\n"
+"mode has owner rwx and nothing the umask takes are made with it).  Raises\n"
 "OSError for the first entry that failed (the rootfs is then half made: the caller\n"
 "removes it).");
 
@@ -1713,6 +1756,10 @@ static PyObject *replay_tree(PyObject *self, PyObject *args) {
             parsed++;
             goto out;
         }
+    for (Py_ssize_t i = 0; i < n && !c.acl_default; i++)
+        for (Py_ssize_t x = 0; es[i].kind == 'd' && x < es[i].nx; x++)
+            if (strcmp(es[i].xname[x], "system.posix_acl_default") == 0)
+                c.acl_default = 1;
     /* directories in record order, then the rest (two halves), then hardlinks */
     Py_ssize_t nd = 0, no = 0, nh = 0;
     for (Py_ssize_t i = 0; i < n; i++)
@@ -1758,16 +1805,25 @@ static PyObject *replay_tree(PyObject *self, PyObject *args) {
     rentry *failed = NULL;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t d = 0; d <= maxd && failed == NULL; d++)
-        failed = run_halves(order + level[d], level[d + 1] - level[d], &c);
+        failed = run_two(order + level[d], level[d + 1] - level[d], &c, 0);
     if (failed == NULL) {
-        failed = run_halves(order + nd, no, &c);
+        failed = run_two(order + nd, no, &c, 0);
         if (failed == NULL) {
             Py_ssize_t hf = -1;
             if (replay_links(order + nd + no, nh, &c, &hf) < 0)
                 failed = order[nd + no + hf];
         }
-        if (failed == NULL && c.final_dirs && !c.rootless)
-            failed = replay_final_dirs(order, nd, &c);
+        if (failed == NULL && c.final_dirs && !c.rootless) {
+            /* the directories that get a mode or mtime (siblings stay runs) */
+            Py_ssize_t nfin = 0;
+            for (Py_ssize_t i = 0; i < nd; i++) {
+                rentry *e = order[i];
+                if (e->plen != 0 && !(e->mode & S_ISGID) &&
+                    !(e->mode_done && e->mtime_ns < 0))
+                    order[nfin++] = e;
+            }
+            failed = run_two(order, nfin, &c, 1);
+        }
     }
     Py_END_ALLOW_THREADS
     PyMem_Free(level);

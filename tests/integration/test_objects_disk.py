@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loopfs import loop_fs
+from loopfs import loop_fs, shared_extents
 
+from lamina.drivers import materialize, objects
 from lamina.drivers.base import ChainLayer, ClaimRequest
+from lamina.drivers.materialize import StoreRootfsWriter, records_enabled
 from lamina.drivers.objects import ObjectsDriver
 from lamina.drivers.objects import factory as objects_factory
 from lamina.layer.extract import fastpath_enabled
+from lamina.layer.snapshot import read_snapshot
 from lamina.store import Store, StoreOptions
 from lamina.testing.extract import apply_layers
 from lamina.testing.images import build_image
@@ -130,3 +134,73 @@ def test_xfs_objects_are_never_adopted(xfs: Path, tmp_path: Path) -> None:
         hexd = hashlib.sha256(_data(10, 20 << 10)).hexdigest()
         obj = os.stat(Path(st.objects_dir) / hexd[:2] / hexd[2:])
         assert obj.st_nlink == 1 and obj.st_mode & 0o7777 == 0o444
+
+
+def _prepare_writable(store: Store, name: str, bundle: Path) -> ObjectsDriver:
+    img = store.image(name)
+    chain = tuple(ChainLayer(x.desc, x.diff_id, x.chain_id) for x in img.layers)
+    req = ClaimRequest(img.manifest, img.config, chain, str(bundle), store=store, image=name)
+    drv = objects_factory.claim(req)
+    assert isinstance(drv, ObjectsDriver)
+    drv.prepare()
+    return drv
+
+
+def test_xfs_writable_replay_under_an_opaque_layer(xfs: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writable bundle replayed from a record below an opaque layer (app-opaque
+    after app): what the layer hides is not made (pruned), yet the bundle is the one
+    replaying all of it makes: same counts in lamina.json (cloned), same snapshot,
+    every file a reflink of its object, directories with their modes and mtimes."""
+    if not records_enabled():
+        pytest.skip("tree records need the compiled fast path")
+    lower = TarBuilder().add_dir("usr", 0o755, mtime=5).add_dir("usr/o", 0o775, mtime=6)
+    for i in range(40):
+        lower.add_file(f"usr/o/d{i % 4}/f{i}", _data(i, 8192), 0o755 if i % 2 else 0o644,
+                       uid=i % 3, gid=i % 2, mtime=100 + i)
+    for i in range(20):
+        lower.add_file(f"usr/k{i}", _data(100 + i, 8192), 0o644, mtime=200 + i)
+    (lower.add_dir("usr/ro", 0o555, mtime=9).add_file("usr/ro/f", _data(300, 4096))
+     .add_dir("usr/t", 0o1777, mtime=10).add_file("usr/e", b"", mtime=11))
+    top = (TarBuilder().add_dir("usr/o", 0o775, mtime=7).add_opaque("usr/o")
+           .add_file("usr/o/new", _data(400, 4096), mtime=8))
+    layers = [lower.build(), top.build()]
+    build_image(str(tmp_path / "lay"), "t", layers)
+    apply_layers(tmp_path / "want", *layers)
+    dropped: list[int] = []
+    real = StoreRootfsWriter.replay
+
+    def spy(self: StoreRootfsWriter, entries: list[materialize.RecordEntry], fds: list[int],
+            hidden: object = ()) -> None:
+        dropped.append(len(hidden))  # type: ignore[arg-type]
+        real(self, entries, fds, hidden)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StoreRootfsWriter, "replay", spy)
+    monkeypatch.setattr(objects, "RECORD_MIN", 10)     # records the lower layer
+
+    def bundle(st: Store, name: str) -> tuple[dict[str, object], list[tuple[object, ...]]]:
+        drv = _prepare_writable(st, "img:t", xfs / name)
+        assert drv.reused == 1          # the lower layer's record
+        meta = json.loads((xfs / name / "lamina.json").read_text())["objects"]
+        with open(xfs / name / "lamina.snapshot", "rb") as f:
+            rows = [r[:7] + r[9:] for r in read_snapshot(f) if r[0]]   # not ctime, inode
+        assert diff_manifests(tree_manifest(str(tmp_path / "want"), mtime=True),
+                              tree_manifest(str(xfs / name / "rootfs"), mtime=True),
+                              names=("want", name), ignore_root=True) == []
+        return meta, rows
+
+    with Store.open(str(xfs / "store"), options=StoreOptions(fsync=False)) as st:
+        st.import_image(str(tmp_path / "lay"), "t", "img:t")
+        _prepare_writable(st, "img:t", xfs / "first")
+        assert dropped == []
+        pruned = bundle(st, "pruned")
+        assert dropped == [44]      # usr/o's 40 files and 4 directories
+        monkeypatch.setattr(objects, "prune_hidden", lambda *a: None)
+        whole = bundle(st, "whole")
+    assert dropped[-1] == 0
+    assert pruned == whole
+    # as if made and removed again: usr/k*, usr/ro/f, usr/o's 40 files, usr/o/new
+    assert pruned[0]["cloned"] == 20 + 1 + 40 + 1 and pruned[0]["copied"] == 0
+    for p in (xfs / "pruned/rootfs/usr").rglob("*"):
+        if p.is_file() and p.stat().st_size:
+            assert shared_extents(p), p

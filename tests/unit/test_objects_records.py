@@ -73,6 +73,9 @@ def _layers(devices: bool) -> list[bytes]:
              .add_dir("xd", 0o711, xattrs={"user.d": b"dir"})
              .add_dir("ro", 0o555, mtime=300).add_file("ro/f", b"f")
              .add_dir("sg", 0o2775, mtime=350).add_file("sg/f", b"g")
+             # the umask takes group write, a sticky bit: made 0700, their mode set last
+             .add_dir("gw", 0o775, mtime=360).add_file("gw/f", b"w")
+             .add_dir("tmp", 0o1777, mtime=370)
              .add_fifo("run-fifo", 0o620, uid=5, gid=6)
              .add_dir("deep/er/still", 0o700, mtime=400))    # implicit parents
     if devices:
@@ -244,11 +247,12 @@ def _images(tmp_path: Path, store: Store) -> list[bytes]:
     return [lower, upper, top_a, top_b]
 
 
-def _prepare(store: Store, name: str, bundle: Path, read_only: bool = False) -> ObjectsDriver:
+def _prepare(store: Store, name: str, bundle: Path, read_only: bool = False,
+             rootless: bool = True) -> ObjectsDriver:
     img = store.image(name)
     chain = tuple(ChainLayer(x.desc, x.diff_id, x.chain_id) for x in img.layers)
     req = ClaimRequest(img.manifest, img.config, chain, str(bundle), read_only=read_only,
-                       rootless=True, store=store, image=name)
+                       rootless=rootless, store=store, image=name)
     drv = objects_factory.claim(req)
     assert isinstance(drv, ObjectsDriver)
     drv.prepare()
@@ -379,10 +383,16 @@ def test_prune_drops_what_whiteouts_hide_and_nothing_else() -> None:
     kept, dropped = materialize.prune_hidden(
         _RECORD, [*layer, *_layer(("file", "a/o/d/new"))], False) or ([], [])
     assert "a/o/d" in {e[1] for e in kept} and "a/o/d/g" in {e[1] for e in dropped}
+    # content cloned or copied from an object, or empty, is dropped too (the replay
+    # counts it as it would have placed it)
+    kept, dropped = materialize.prune_hidden(
+        [*_RECORD, _e("f", "a/o/c", None, 3), _e("f", "a/o/e"), _e("f", "a/c", None, 3)],
+        layer, False) or ([], [])
+    assert {"a/o/c", "a/o/e"} <= {e[1] for e in dropped} and "a/c" in {e[1] for e in kept}
 
 
 @pytest.mark.parametrize("case", ["hardlink", "record-symlink", "layer-symlink", "xattrs",
-                                  "copied", "linked-from-kept", "dirlinks", "nothing"])
+                                  "linked-from-kept", "dirlinks", "nothing"])
 def test_prune_declines_what_it_cannot_be_sure_of(case: str) -> None:
     record = list(_RECORD)
     layer = _layer(("file", "a/o/.wh..wh..opq"))
@@ -394,8 +404,6 @@ def test_prune_declines_what_it_cannot_be_sure_of(case: str) -> None:
         layer += _layer(("symlink", "b"), ("file", "b/x"))
     elif case == "xattrs":              # a refused xattr is warned about
         record.append(_e("f", "a/o/x", _FARM, 3, xattrs=((b"user.k", b"v"),)))
-    elif case == "copied":              # cloned or copied: counted apart
-        record.append(_e("f", "a/o/x", None, 3))
     elif case == "linked-from-kept":
         record.append(_e("h", "a/keep/h", "a/o/f"))
     elif case == "nothing":
@@ -404,9 +412,10 @@ def test_prune_declines_what_it_cannot_be_sure_of(case: str) -> None:
 
 
 @pytest.mark.skipif(not ROOT, reason="link farms with owners need root")
+@pytest.mark.parametrize("read_only", [True, False], ids=["link", "clone"])
 def test_replay_under_an_opaque_layer_makes_the_same_bundle(tmp_path: Path, store: Store,
-                                                           monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           read_only: bool) -> None:
     lower = TarBuilder().add_dir("keep", 0o750, mtime=5).add_file("keep/f", b"k")
     for i in range(30):
         lower.add_file(f"o/d{i % 3}/f{i}", bytes([i]) * (i + 1), uid=i)
@@ -426,8 +435,10 @@ def test_replay_under_an_opaque_layer_makes_the_same_bundle(tmp_path: Path, stor
     monkeypatch.setattr(StoreRootfsWriter, "replay", spy)
 
     def bundle(name: str) -> tuple[dict[str, object], list[tuple[object, ...]]]:
-        drv = _prepare(store, "img:t", tmp_path / name, read_only=True)
-        assert drv.reused == 2          # the lower layer's record, the top layer's farm
+        drv = _prepare(store, "img:t", tmp_path / name, read_only=read_only,
+                       rootless=read_only)     # (rootless owners are xattrs: not dropped)
+        # the lower layer's record (and the top layer's farm)
+        assert drv.reused == (2 if read_only else 1)
         meta = json.loads((tmp_path / name / "lamina.json").read_text())["objects"]
         with open(tmp_path / name / "lamina.snapshot", "rb") as f:
             # not ctime, inode, nor the root's mtime (when it was made: no layer sets it)
@@ -437,14 +448,17 @@ def test_replay_under_an_opaque_layer_makes_the_same_bundle(tmp_path: Path, stor
     # the first unpack records the lower layer (not the top: too few entries); the next
     # ones replay it, pruned or not
     monkeypatch.setattr(objects, "RECORD_MIN", 10)
-    _prepare(store, "img:t", tmp_path / "first", read_only=True)
+    _prepare(store, "img:t", tmp_path / "first", read_only=read_only, rootless=read_only)
     dropped.clear()
     pruned = bundle("pruned")
     assert dropped == [37]          # in o: 3 dirs, 30 files, link, symlink, empty file; keep/f
     monkeypatch.setattr(objects, "prune_hidden", lambda *a: None)
     whole = bundle("whole")
     assert dropped[-1] == 0
-    assert pruned == whole
+    assert pruned == whole      # lamina.json's counts too: linked, cloned or copied
+    placed: dict[str, int] = pruned[0]  # type: ignore[assignment]
+    n = placed["linked"] if read_only else placed["cloned"] + placed["copied"]
+    assert n == (33 if read_only else 32)   # keep/f, o's 30 files, o/new (, o/d0/h)
     assert diff_manifests(_manifest(tmp_path / "whole/rootfs"),
                           _manifest(tmp_path / "pruned/rootfs"), ignore_root=True) == []
 

@@ -376,11 +376,20 @@ class StoreRootfsWriter(RootfsWriter):
         self.place.cloned += cloned
         self.place.copied += copied
         self.place.linked += linked
+        filled = 0      # dropped files with a store object's content: cloned or copied
         for e in dropped:
-            if e[0] == "f" and type(e[7]) is tuple:
-                self.place.linked += 1
+            if e[0] == "f":
+                if type(e[7]) is tuple:
+                    self.place.linked += 1
+                elif e[8]:
+                    filled += 1
             if e[0] in ("f", "h") and e[9] is not None:
                 self.hashes[e[1]] = e[9]    # (a removal leaves a path's hash, too)
+        if filled:
+            if self._clones(cloned, copied):
+                self.place.cloned += filled
+            else:
+                self.place.copied += filled
         for path, bname, err in refused:
             name = bname.decode("utf-8", "surrogateescape")
             self.warn_once(f"xattr:{name.split('.')[0]}:{err}",
@@ -388,6 +397,24 @@ class StoreRootfsWriter(RootfsWriter):
                            "(further such xattrs are skipped silently)")
         for es in (entries, dropped):
             self.xattr_paths.update(e[1] for e in es if e[6] or e[0] == "h")
+
+    def _clones(self, cloned: int, copied: int) -> bool:
+        """Whether replaying more files would have cloned them, after a replay that
+        cloned *cloned* files and copied *copied* (it copies from the first refusal
+        on; with neither, the filesystem is asked: a probe beside the root)."""
+        if self.placement == "copy" or copied:
+            return False
+        if cloned:
+            return True
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(self.root)),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return reflinks(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
 
     # -- directories of lower layers ------------------------------------------------------
     def _resolve(self, comps: tuple[str, ...], create: bool,
@@ -690,9 +717,9 @@ def prune_hidden(entries: list[RecordEntry], layer: Sequence[TarEntry], keep_dir
     writes below it (the writer keeps those, with their lower metadata), and no
     replayed hardlink names a dropped path.  Applying *layer* then removes nothing
     that was replayed and leaves the same tree as replaying everything.  Dropped
-    entries must not change what the replay reports (see
-    :meth:`StoreRootfsWriter.replay`): none has xattrs (a refused one is warned
-    about) or content that is no farm inode (cloned or copied: counted apart).
+    entries must not change what the replay reports: none has xattrs (a refused
+    one is warned about); :meth:`StoreRootfsWriter.replay` counts a dropped file
+    as linked, cloned or copied, as replaying it would have.
     """
     from lamina.errors import LaminaError
     from lamina.layer import whiteout as wh
@@ -745,7 +772,7 @@ def prune_hidden(entries: list[RecordEntry], layer: Sequence[TarEntry], keep_dir
         if path in parents and e[0] != "d":
             return None     # resolved through the record's symlink (or an error ahead)
         if (path.startswith(prefixes) or path in exact) and path and path not in keep:
-            if e[6] or (e[0] == "f" and type(e[7]) is not tuple and e[8]):
+            if e[6]:
                 return None
             dropped.append(e)
         else:
