@@ -1264,10 +1264,11 @@ static int fill_from(int src, int dst, long long size, rctx *c, int *cloned) {
 
 /* Whether directory e can be made with its final mode at once (the final pass then
  * only sets its mtime): as root with final_dirs, no special bits, none the umask
- * would take (nor a default ACL above it), and its owner may still write into it. */
+ * would take (nor a default ACL above it), its owner may still write into it, and
+ * no xattr of its own (an access ACL sets mode bits). */
 static int final_mode_at_mkdir(const rentry *e, const rctx *c) {
-    return c->final_dirs && !c->rootless && !c->acl_default && (e->mode & 07000) == 0 &&
-           (e->mode & 0700) == 0700 && (e->mode & c->umask) == 0;
+    return c->final_dirs && !c->rootless && !c->acl_default && e->nx == 0 &&
+           (e->mode & 07000) == 0 && (e->mode & 0700) == 0700 && (e->mode & c->umask) == 0;
 }
 
 static int replay_dir(rentry *e, int pfd, rctx *c) {
