@@ -1428,12 +1428,12 @@ static void *replay_run(void *arg) {
     return NULL;
 }
 
-/* es[0..n) on two threads (one when few), in chunks of REPLAY_CHUNK taken from either
- * end: the first thread works from the front, the second from the back, until they
- * meet (what a half costs cannot be told from its length: clones differ, and a thread
- * may be preempted; fixed halves left one thread idle for up to a quarter of the
- * time).  Each thread stays among its own directories but where they meet.  Returns
- * the entry that failed, or NULL. */
+/* es[0..n) on two threads (one when few), in chunks (n/8, at least 4, at most
+ * REPLAY_CHUNK) taken from either end: the first thread works from the front, the
+ * second from the back, until they meet (what a half costs cannot be told from its
+ * length: clones differ, and a thread may be preempted; fixed halves left one thread
+ * idle for up to a quarter of the time).  Each thread stays among its own directories
+ * but where they meet.  Returns the entry that failed, or NULL. */
 #define REPLAY_CHUNK 64
 
 typedef struct {
@@ -1442,6 +1442,7 @@ typedef struct {
     int final;
     pthread_mutex_t mu;
     Py_ssize_t lo, hi;       /* es[lo..hi) not taken yet */
+    Py_ssize_t chunk;        /* entries taken at a time */
     rentry *failed;          /* the first failure */
 } rshared;
 
@@ -1462,11 +1463,11 @@ static void *replay_worker(void *arg) {
         }
         if (w->back) {
             to = sh->hi;
-            from = to - REPLAY_CHUNK > sh->lo ? to - REPLAY_CHUNK : sh->lo;
+            from = to - sh->chunk > sh->lo ? to - sh->chunk : sh->lo;
             sh->hi = from;
         } else {
             from = sh->lo;
-            to = from + REPLAY_CHUNK < sh->hi ? from + REPLAY_CHUNK : sh->hi;
+            to = from + sh->chunk < sh->hi ? from + sh->chunk : sh->hi;
             sh->lo = to;
         }
         pthread_mutex_unlock(&sh->mu);
@@ -1483,7 +1484,8 @@ static void *replay_worker(void *arg) {
 }
 
 static rentry *run_two(rentry **es, Py_ssize_t n, rctx *c, int final) {
-    rshared sh = {es, c, final, PTHREAD_MUTEX_INITIALIZER, 0, n, NULL};
+    Py_ssize_t chunk = n / 8 < 4 ? 4 : n / 8 > REPLAY_CHUNK ? REPLAY_CHUNK : n / 8;
+    rshared sh = {es, c, final, PTHREAD_MUTEX_INITIALIZER, 0, n, chunk, NULL};
     rworker a = {&sh, 0}, b = {&sh, 1};
     pthread_t t;
     int threaded = n >= PARALLEL_MIN && pthread_create(&t, NULL, replay_worker, &b) == 0;

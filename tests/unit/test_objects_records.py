@@ -507,3 +507,37 @@ def test_replay_of_wide_and_deep_directories(tmp_path: Path, store: Store, read_
     for b in ("w1", "w2"):
         assert diff_manifests(_manifest(tmp_path / "want"), _manifest(tmp_path / b / "rootfs"),
                               ignore_fields=ignore, names=("want", b), ignore_root=True) == []
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0], ids=["first", "middle", "last"])
+def test_replay_failure_on_either_thread_names_the_entry(tmp_path: Path, store: Store,
+                                                          where: float) -> None:
+    # the files are shared by two threads from either end: whichever meets the missing
+    # object stops both and the replay reports that entry
+    tb = TarBuilder()
+    for i in range(300):
+        tb.add_file(f"d{i % 30:02}/f{i:03}", b"%d" % i * 50, mtime=i)
+    build_image(str(tmp_path / "lay"), "m", [tb.build()])
+    store.import_image(str(tmp_path / "lay"), "m", "img:m")
+    opts = ExtractOptions(rootless=True)
+    (tmp_path / "built").mkdir()
+    w = StoreRootfsWriter(str(tmp_path / "built"), opts, store.objects_fd)
+    try:
+        apply_split(w, store.tar_split_path(store.image("img:m").layers[0].diff_id),
+                    LayerStats())
+        entries = record_tree(w, take_snapshot(str(tmp_path / "built"), w.hashes))
+    finally:
+        w.close()
+    assert entries is not None
+    files = [i for i, e in enumerate(entries) if e[0] == "f"]
+    k = files[round(where * (len(files) - 1))]
+    bad = entries[k]
+    entries[k] = (*bad[:9], b"\xee" * 32)       # an object the store does not have
+    (tmp_path / "replayed").mkdir()
+    r = StoreRootfsWriter(str(tmp_path / "replayed"), opts, store.objects_fd)
+    try:
+        with pytest.raises(FileNotFoundError) as exc:
+            r.replay(entries, [])
+        assert exc.value.filename == bad[1]
+    finally:
+        r.close()
