@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from lamina.errors import DigestMismatchError, NotFoundError, UsageError
 from lamina.ipc.backend import LayerRecord, LayoutBackend
@@ -44,6 +44,7 @@ from lamina.oci.model import Descriptor
 from lamina.store import Store
 from lamina.store.ids import parse_ref
 from lamina.store.receive import BlobInput, ReceiveStats, SourceIndex
+from lamina.stream.stored import stored_reader
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,10 @@ class _Local:
 
     async def put_layer(self, src: _Opened, diff_id: str, compression: str,
                         trust: bool) -> tuple[LayerRecord, ReceiveStats | None]:
-        stream = os.fdopen(os.dup(src.stream), "rb", buffering=1 << 20)
+        stream: BinaryIO = os.fdopen(os.dup(src.stream), "rb", buffering=1 << 20)
         try:
+            if src.local_store and not (trust and isinstance(self.backend, LocalStoreBackend)):
+                stream = stored_reader(stream)  # a stored tar-split; a trusting store clones it
             if isinstance(self.backend, LocalStoreBackend):
                 desc, digest, stats = await asyncio.to_thread(
                     self.backend.store.receive_layer, stream, src.dirfds, diff_id=diff_id,

@@ -117,7 +117,11 @@ def test_store_to_store_copy_on_reflink_fs_moves_no_data(reflink_fs: Path,
             os.stat(s.object_path(o)).st_ino == os.stat(sa.object_path(o)).st_ino
             for o in objs)
         assert all(shared_extents(Path(s.blob_path(ly.desc.digest))) for ly in img.layers)
-        assert all(shared_extents(Path(s.tar_split_path(ly.diff_id))) for ly in img.layers)
+        for ly in img.layers:   # the stored (compressed) tar-split itself was cloned
+            split = Path(s.tar_split_path(ly.diff_id))
+            assert split.read_bytes() == Path(sa.tar_split_path(ly.diff_id)).read_bytes()
+            # a few kB of zstd can sit inline in btrfs metadata: then there is no extent
+            assert split.stat().st_size <= 4096 or shared_extents(split)
     with Store.open(str(a), create=False) as s:
         assert s.image("app:v1").manifest.digest == img.manifest.digest
     _fsck_ok(a)

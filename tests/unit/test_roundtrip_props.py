@@ -193,6 +193,21 @@ def test_random_tree_round_trips(nodes: list[Node]) -> None:
         assert_round_trip(t / "layout", t / "b1", "filled", t / "b2")
 
 
+def test_a_renamed_directory_keeps_its_hardlink_to_an_unchanged_file(tmp_path: Path) -> None:
+    """Found by (b): the rename moves one name of a link group and changes no inode, so
+    the other name, unchanged, must go into the layer too or the group is cut in two."""
+    tar = (TarBuilder().add_dir("a").add_file("keep", b"shared\n").add_hardlink("a/link", "keep")
+           .add_dir("b").build())
+    build_image(str(tmp_path / "layout"), "t", [tar])
+    do_unpack(tmp_path / "layout", "t", tmp_path / "b1")
+    root = tmp_path / "b1/rootfs"
+    os.rename(root / "a", root / "b/moved")
+    assert os.stat(root / "b/moved/link").st_ino == os.stat(root / "keep").st_ino
+    assert_round_trip(tmp_path / "layout", tmp_path / "b1", "edited", tmp_path / "b2")
+    out = tmp_path / "b2/rootfs"
+    assert os.stat(out / "b/moved/link").st_ino == os.stat(out / "keep").st_ino
+
+
 def test_negative_subsecond_mtime_round_trips(tmp_path: Path) -> None:
     """-1.5 s is pax ``mtime=-1.5``; lamina's tar writer splits it with divmod into
     (-2, 0.5) and writes ``-2.5``, which every reader (its own included) takes for

@@ -26,6 +26,7 @@ from lamina.oci.layout import OCILayout
 from lamina.store import Store, StoreOptions, chain_id, chain_ids, default_store_path, parse_ref
 from lamina.store.objects import object_name
 from lamina.stream.splitdirfdstream import FILE, read_chunks
+from lamina.stream.stored import open_stored
 from lamina.testing.images import build_image
 from lamina.testing.layers import BLOCK, RawEntry, TarBuilder, header_block
 
@@ -191,8 +192,13 @@ def test_tar_split_rebuilds_the_exact_layer(tmp_path: Path, store: Store, name: 
     assert li.ingested and li.diff_id == sha(tar) and li.stats.tar_size == len(tar)
     assert export(store, li.diff_id) == tar
     # every regular file with content became an object reference, and only those
-    with open(store.tar_split_path(li.diff_id), "rb") as f:
-        refs = [c for c in read_chunks(f) if c.kind == FILE]
+    split = store.tar_split_path(li.diff_id)
+    with open(split, "rb") as raw:      # kept zstd-compressed, and smaller than the stream
+        assert raw.read(4) == b"\x28\xb5\x2f\xfd"
+    with open_stored(split) as f:
+        stream = f.read()
+    assert os.path.getsize(split) < len(stream)
+    refs = [c for c in read_chunks(io.BytesIO(stream)) if c.kind == FILE]
     assert len(refs) == li.stats.files
     assert all(c.dirfd_index == 0 for c in refs)
     for c in refs:

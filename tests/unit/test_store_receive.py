@@ -21,6 +21,7 @@ from lamina.oci.model import Descriptor
 from lamina.store import Store, StoreOptions
 from lamina.store.receive import BlobInput
 from lamina.stream.splitdirfdstream import FILE, StreamWriter, from_tar, read_chunks
+from lamina.stream.stored import open_stored
 from lamina.testing.images import build_image, diff_id
 from lamina.testing.layers import TarBuilder
 
@@ -58,7 +59,11 @@ def dst(tmp_path: Path) -> Iterator[Store]:
 
 
 def _split(store: Store, did: str) -> bytes:
-    with open(store.tar_split_path(did), "rb") as f:
+    """The stored tar-split's stream (stored compressed)."""
+    path = store.tar_split_path(did)
+    with open(path, "rb") as raw:
+        assert raw.read(4) == b"\x28\xb5\x2f\xfd"
+    with open_stored(path) as f:
         return f.read()
 
 
@@ -67,7 +72,9 @@ def _send(src: Store, dst: Store, *, trust: bool, local: bool = False) -> None:
     for ly in img.layers:
         bfd = os.open(src.blob_path(ly.desc.digest), os.O_RDONLY)
         try:
-            with open(src.tar_split_path(ly.diff_id), "rb") as f:
+            # a trusting receiver gets the stored file (it clones it); others the stream
+            path = src.tar_split_path(ly.diff_id)
+            with (open(path, "rb") if trust else open_stored(path)) as f:
                 desc, did, stats = dst.receive_layer(f, [src.objects_fd], diff_id=ly.diff_id,
                                                      blob=BlobInput(bfd, ly.desc),
                                                      trust_source=trust, local_source=local)
@@ -143,14 +150,14 @@ def test_a_lying_object_name_is_not_believed(src: tuple[Store, list[bytes]], dst
     t = tars[0]
     # the sender names the real object but its directory holds other bytes of that size
     fake = tmp_path / "fake"
-    for c in read_chunks(open(s.tar_split_path(diff_id(t)), "rb")):  # noqa: SIM115
+    for c in read_chunks(open_stored(s.tar_split_path(diff_id(t)))):
         if c.kind == FILE and c.name is not None:
             p = fake / c.name.decode()
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(b"\0" * c.size)
     fd = os.open(fake, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with open(s.tar_split_path(diff_id(t)), "rb") as f, \
+        with open_stored(s.tar_split_path(diff_id(t))) as f, \
                 pytest.raises(DigestMismatchError):
             dst.receive_layer(f, [fd], diff_id=diff_id(t))
     finally:

@@ -70,6 +70,7 @@ from lamina.layer.extract import (
 )
 from lamina.layer.tarstream import FastFn, TarEntry, TarReader
 from lamina.stream.splitdirfdstream import FICLONE, FILE, INLINE, Chunk, open_ref, read_chunks
+from lamina.stream.stored import stored_reader
 
 try:  # compiled replay of tree records (setup.py builds it when a compiler is there)
     from lamina import _fastpath
@@ -127,7 +128,7 @@ class SplitTarReader(TarReader):
     """
 
     def __init__(self, f: BinaryIO) -> None:
-        self._chunks = read_chunks(f)
+        self._chunks = read_chunks(stored_reader(f))    # a store's: maybe compressed
         self.files: list[Chunk | None] = []
         self.fi = 0
         self._in_inline = False

@@ -92,6 +92,7 @@ from lamina.errors import LaminaError, UsageError
 from lamina.layer.extract import ExtractOptions, LayerStats, Warn
 from lamina.layer.snapshot import row as snapshot_row
 from lamina.layer.snapshot import take_snapshot
+from lamina.stream.stored import plain_size_within
 
 if TYPE_CHECKING:
     from lamina.bundle import Progress, UnpackResult
@@ -100,7 +101,7 @@ if TYPE_CHECKING:
 NAME = "objects"
 TREES = "objects-tree"      # the extraction namespace of tree records
 RECORD_MIN = 1000           # entries applied above the deepest record before a new one
-PREBUILD_MAX = 256 << 10    # tar-split bytes up to which a missing farm is built first
+PREBUILD_MAX = 256 << 10    # tar-split stream bytes up to which a missing farm is built first
 PLACEMENT_ANNOTATION = "org.lamina.objects.placement"
 PLACEMENTS = ("clone", "copy", "link")
 
@@ -319,7 +320,7 @@ class ObjectsDriver(Driver):
         costs their creation and removal otherwise."""
         split = self._store.tar_split_path(self.req.chain[index].diff_id)
         try:
-            if os.path.getsize(split) > PREBUILD_MAX:
+            if not plain_size_within(split, PREBUILD_MAX):
                 return None
             layer = split_entries(split)
         except (OSError, LaminaError):
@@ -423,7 +424,7 @@ class ObjectsDriver(Driver):
             if ex is not None and os.path.isdir(ex.path):
                 continue
             split = st.tar_split_path(layer.diff_id)
-            if os.path.getsize(split) > PREBUILD_MAX:
+            if not plain_size_within(split, PREBUILD_MAX):
                 continue
             with st.extraction_lock(NAME, layer.chain_id):
                 ex = st.extraction(NAME, layer.chain_id)

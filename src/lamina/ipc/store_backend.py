@@ -23,6 +23,7 @@ from lamina.oci import mediatypes as mt
 from lamina.oci.model import Descriptor, Platform
 from lamina.store import Store
 from lamina.store.receive import BlobInput, SourceIndex
+from lamina.stream.stored import open_stored
 
 _IO = 1 << 20
 
@@ -63,7 +64,8 @@ class StoreLayer:
 
     def open_stream(self) -> int:
         """The tar-split file itself, opened afresh (in-process copies read it directly, and
-        a trusting receiver on the same filesystem clones it)."""
+        a trusting receiver on the same filesystem clones it): maybe zstd-compressed, see
+        :mod:`lamina.stream.stored`."""
         return os.open(f"/proc/self/fd/{self._split}", os.O_RDONLY | os.O_CLOEXEC)
 
     def source_index(self) -> SourceIndex:
@@ -73,11 +75,11 @@ class StoreLayer:
                            lambda: store.layer_object_sizes(diff_id))
 
     def write_to(self, out: BinaryIO) -> str:
-        """Copy the tar-split verbatim; the receiver reassembles and checks the diff_id."""
-        off = 0
-        while b := os.pread(self._split, _IO, off):
-            out.write(b)
-            off += len(b)
+        """Send the tar-split's plain stream (stored compressed); the receiver reassembles
+        it and checks the diff_id."""
+        with open_stored(f"/proc/self/fd/{self._split}") as f:
+            while b := f.read(_IO):
+                out.write(b)
         return self.diff_id
 
     def close(self) -> None:

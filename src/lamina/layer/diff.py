@@ -14,7 +14,10 @@ Output rules (what umoci and the image-spec's changeset rules expect):
 - a directory that was removed and re-created (new inode) is emitted with an
   opaque marker ``.wh..wh..opq`` followed by all of its current content;
 - regular files sharing an inode are emitted once, the other names as
-  hardlinks to the first (sorted) name.
+  hardlinks to the first (sorted) name; when one name of such a file is
+  emitted, all its names are (a directory renamed with one name of a link
+  group inside changes no inode, and the layer would otherwise cut the group
+  in two, as umoci 0.4.7's repack does).
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
     rows: list[tuple[object, ...]] = []
     replaced_under: list[str] = []   # prefixes of re-created directories
     ex_dirs: set[str] = set()         # directories now something else: children go with them
+    groups: dict[tuple[int, int], list[tuple[str, os.stat_result]]] = {}  # names of nlink > 1
     root_st = os.lstat(rootfs)
     root_prev = old.pop("", None)
     # a bundle copied elsewhere (cp -a, rsync) has new inode numbers and ctimes
@@ -161,7 +165,12 @@ def scan(rootfs: str, snapshot: list[tuple[object, ...]], *, rootless: bool = Fa
             ex_dirs.add(path)
         if is_changed or _under(path, replaced_under):
             changed.append((path, st))
+        elif t == "f" and st.st_nlink > 1:
+            groups.setdefault((st.st_dev, st.st_ino), []).append((path, st))
         rows.append(row(path, t, st, extra))
+    if groups:     # the unchanged names of an emitted file's link group go with it
+        changed += [m for path, st in changed if stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+                    for m in groups.pop((st.st_dev, st.st_ino), ())]
 
     # removals: collapse a removed tree to its top; nothing below a replaced dir
     removed = sorted(p for p in old if p not in seen)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.errors import LaminaError
 from lamina.store.locking import reclaim
 from lamina.stream.splitdirfdstream import FILE, read_chunks, write_tar
+from lamina.stream.stored import open_stored
 
 if TYPE_CHECKING:
     from lamina.store.store import Store
@@ -265,7 +266,7 @@ def _check(store: Store, res: FsckResult, quick: bool) -> tuple[
 
 def _check_layer(store: Store, path: str, diff_id: str, tar_size: int, recorded: set[str],
                  present: dict[str, int], quick: bool) -> str:
-    with open(path, "rb", buffering=_IO) as f:
+    with open_stored(path) as f:
         if quick:
             total = 0
             for ch in read_chunks(f):

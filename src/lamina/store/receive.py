@@ -64,6 +64,7 @@ from lamina.stream.splitdirfdstream import (
     read_chunks,
     write_tar,
 )
+from lamina.stream.stored import stored_reader, stored_writer
 
 if TYPE_CHECKING:
     from lamina.store.store import Store
@@ -437,6 +438,7 @@ class _Receiver:
         are cloned on a few threads: cloning is system calls, which run in parallel.
         """
         want: dict[str, Chunk] = {}
+        stream = stored_reader(stream)     # a store's tar-split file: maybe compressed
         for c in (read_chunks(stream) if out is not None else _scan_files(stream, self.stats)):
             self.stats.tar_size += c.size
             if c.kind != FILE:
@@ -694,7 +696,7 @@ class _Receiver:
             comp = _compressor(compression, _Sink(write))
             with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.sfd), "rb",
                       buffering=_IO) as s:
-                write_tar(read_chunks(s), [self.objw.dir_fd], comp)
+                write_tar(read_chunks(stored_reader(s)), [self.objw.dir_fd], comp)
             if compression != "none":
                 comp.close()
         self.stats.blob = "regenerated"
@@ -744,15 +746,13 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
             split = r.tmpname("split")
             fd = os.open(split, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444,
                          dir_fd=r.sfd)
-            with open(fd, "wb", buffering=_IO) as f:
-                w = StreamWriter(f)
+            with open(fd, "wb", buffering=_IO) as f, stored_writer(f) as w:
                 if trust_source:
                     r.trusted(stream, dirfds, w)
                     assert diff_id is not None
                     digest = diff_id
                 else:
                     digest = r.verified(stream, dirfds, w)
-                w.flush()
                 r.stats.tar_size = w.tar_size
         if diff_id is not None and digest != diff_id:
             raise DigestMismatchError(

@@ -23,7 +23,9 @@ Default location: ``/var/lib/lamina`` as root, else ``$XDG_DATA_HOME/lamina``
     │                                   tar's headers/padding/trailer verbatim and
     │                                   whose file chunks name objects (dirfd 0 =
     │                                   objects/, name "9f/86d0..."); empty files
-    │                                   have no file chunk (their header says size 0)
+    │                                   have no file chunk (their header says size 0);
+    │                                   kept as one zstd frame (lamina.stream.stored;
+    │                                   older stores' plain splits are read as well)
     ├── extract/
     │   └── <driver>/<chain id hex>/    reserved for drivers: a layer applied on
     │                                   top of everything below it (named by ChainID)
@@ -94,12 +96,12 @@ from lamina.store.objects import SMALL, ObjectWriter, object_name, syncfs
 from lamina.store.paths import default_store_path
 from lamina.stream.splitdirfdstream import (
     DataReader,
-    StreamWriter,
     from_tar,
     import_file,
     read_chunks,
     write_tar,
 )
+from lamina.stream.stored import open_stored, stored_writer
 
 if TYPE_CHECKING:
     from lamina.store.fsck import FsckResult
@@ -602,8 +604,7 @@ class Store:
         split_fd = os.open(split_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                            0o444, dir_fd=sfd)
         try:
-            with open(split_fd, "wb", buffering=_IO) as f:
-                w = StreamWriter(f)
+            with open(split_fd, "wb", buffering=_IO) as f, stored_writer(f) as w:
                 src = LayerSource(desc, diff_id, opener)
                 with LayerPipeline([src], prog.advance) as pipe:
                     stream = pipe.stream(0)
@@ -621,7 +622,6 @@ class Store:
                         e.message = f"layer {desc.digest[:19]}: {e.message}"
                         e.args = (e.message,)
                         raise
-                w.flush()
                 stats.tar_size = w.tar_size
             if digest != diff_id:  # the pipeline checked the stream; this checks the split
                 raise DigestMismatchError(
@@ -677,7 +677,7 @@ class Store:
                 raise NotFoundError(f"layer {diff_id} is not in the store",
                                     hint="import an image that contains it")
             try:
-                f = open(self.tar_split_path(diff_id), "rb", buffering=_IO)  # noqa: SIM115
+                f = open_stored(self.tar_split_path(diff_id))
             except FileNotFoundError:
                 raise CorruptLayerError(f"the tar-split of layer {diff_id} is missing",
                                         hint="run 'lamina fsck --repair' and import the "
