@@ -47,6 +47,7 @@ the writer built the tree, so it holds exactly what the writer made.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -573,12 +574,20 @@ class _quiet_unlink:
                 pass
 
 
-def apply_split(writer: StoreRootfsWriter, split_path: str, stats: LayerStats) -> None:
-    """Apply the stored layer whose tar-split is *split_path* to *writer*'s root."""
+@contextlib.contextmanager
+def split_reader(split_path: str) -> Iterator[SplitTarReader]:
+    """A :class:`SplitTarReader` over the stored tar-split *split_path*, drained (its
+    end checked) when the block ends without an exception."""
     with open(split_path, "rb", buffering=1 << 20) as f:
         reader = SplitTarReader(f)
-        writer.apply(reader, stats)
+        yield reader
         reader.drain()
+
+
+def apply_split(writer: StoreRootfsWriter, split_path: str, stats: LayerStats) -> None:
+    """Apply the stored layer whose tar-split is *split_path* to *writer*'s root."""
+    with split_reader(split_path) as reader:
+        writer.apply(reader, stats)
 
 
 # -- tree records -----------------------------------------------------------------------
@@ -699,10 +708,8 @@ def record_tree(writer: StoreRootfsWriter, rows: Mapping[str, tuple[object, ...]
 
 def split_entries(split_path: str) -> list[TarEntry]:
     """The members of a stored layer (headers only: no object is opened)."""
-    with open(split_path, "rb", buffering=1 << 20) as f:
-        reader = SplitTarReader(f)
+    with split_reader(split_path) as reader:
         out = list(reader)
-        reader.drain()
     return out
 
 

@@ -77,7 +77,6 @@ from lamina.drivers.materialize import (
     Placement,
     PlaceStats,
     RecordEntry,
-    SplitTarReader,
     StoreRootfsWriter,
     TreeRecord,
     apply_split,
@@ -87,6 +86,7 @@ from lamina.drivers.materialize import (
     record_tree,
     records_enabled,
     split_entries,
+    split_reader,
 )
 from lamina.errors import LaminaError, UsageError
 from lamina.layer.extract import ExtractOptions, LayerStats, Warn
@@ -435,12 +435,10 @@ class ObjectsDriver(Driver):
                 with st.stage_extraction(NAME, layer.chain_id) as tmp:
                     w.set_farm(tmp)
                     try:
-                        with open(split, "rb", buffering=1 << 20) as f:
-                            reader = SplitTarReader(f)
+                        with split_reader(split) as reader:
                             for e in reader:
                                 if e.kind == "file" and reader.current is not None:
                                     w.farm_inode(e, reader, reader.current)
-                            reader.drain()
                     finally:
                         w.set_farm(None)
             self._prebuilt.add(i)

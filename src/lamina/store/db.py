@@ -101,12 +101,12 @@ CREATE TABLE extractions (          -- what drivers made under extract/<driver>/
 """
 
 
-
 def layer_objects_of(schema: str = "main") -> str:
     """``FROM ... WHERE`` of a layer's objects (``l``: its layer_objects rows, ``o``:
     their objects rows) in the store index *schema*; the layer's diff_id is ``?``."""
     return (f"FROM {schema}.layer_objects l JOIN {schema}.objects o "
             f"ON o.digest = l.object WHERE l.diff_id = ?")
+
 
 class Database:
     """One connection to ``lamina.db``, shared by the threads of a process."""

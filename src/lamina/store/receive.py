@@ -64,7 +64,7 @@ from lamina.stream.splitdirfdstream import (
     read_chunks,
     write_tar,
 )
-from lamina.stream.stored import stored_reader, stored_writer
+from lamina.stream.stored import open_stored, stored_reader, stored_writer
 
 if TYPE_CHECKING:
     from lamina.store.store import Store
@@ -694,9 +694,8 @@ class _Receiver:
                 f.write(b)
 
             comp = _compressor(compression, _Sink(write))
-            with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.sfd), "rb",
-                      buffering=_IO) as s:
-                write_tar(read_chunks(stored_reader(s)), [self.objw.dir_fd], comp)
+            with open_stored(split, self.sfd) as s:
+                write_tar(read_chunks(s), [self.objw.dir_fd], comp)
             if compression != "none":
                 comp.close()
         self.stats.blob = "regenerated"
@@ -737,8 +736,7 @@ def receive(store: Store, stream: BinaryIO, dirfds: Sequence[int], *, diff_id: s
                     r.refs = source_index.rows()
                     r.bring(r.refs, dirfds)
             else:
-                with open(os.open(split, os.O_RDONLY | os.O_CLOEXEC, dir_fd=r.sfd), "rb",
-                          buffering=_IO) as f:
+                with open_stored(split, r.sfd) as f:
                     r.trusted(f, dirfds, None)
             assert diff_id is not None
             digest = diff_id

@@ -103,9 +103,11 @@ def plain_size_within(path: str, limit: int) -> bool:
         return len(stored_reader(f, path).read(limit + 1)) <= limit
 
 
-def open_stored(path: str) -> BinaryIO:
-    """Open a stored tar-split for reading its plain stream."""
-    return stored_reader(open(path, "rb", buffering=_IO), path)
+def open_stored(path: str, dir_fd: int | None = None) -> BinaryIO:
+    """Open a stored tar-split (*path* relative to *dir_fd* when given) for reading its
+    plain stream."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    return stored_reader(open(fd, "rb", buffering=_IO), path)
 
 
 @contextmanager
